@@ -1,0 +1,571 @@
+//! One routing step: identity resolution, threading, storage and events for
+//! one envelope or one command, inside a store transaction.
+
+use std::time::Duration;
+
+use switchboard_core::records::EventSchema;
+use switchboard_core::{
+    Command, CommandKind, Direction, Envelope, Event, EventKind, Identity, IdentityKind, Retryable,
+    ThreadRule,
+};
+use switchboard_store::{
+    Conversation, ConversationStatus, Millis, NewMessage, StoreError, Tx, millis, subject_key,
+};
+use uuid::Uuid;
+
+use crate::policy::Policy;
+
+/// Why a routing step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The store failed; the step can be retried.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The record asks for something impossible; retrying cannot help.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl Retryable for RouteError {
+    fn retryable(&self) -> bool {
+        match self {
+            RouteError::Store(e) => e.retryable(),
+            RouteError::Rejected(_) => false,
+        }
+    }
+}
+
+/// What routing an envelope did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Routed {
+    /// The message was stored.
+    Stored {
+        /// Its id.
+        message_id: Uuid,
+        /// Its customer.
+        customer_id: Uuid,
+        /// Its conversation.
+        conversation_id: Uuid,
+        /// The rule that decided.
+        rule: ThreadRule,
+        /// The message's channel.
+        channel: switchboard_core::Channel,
+        /// Events written to the outbox.
+        events: Vec<Event>,
+    },
+    /// A message with the same idempotency key was stored before; nothing
+    /// changed.
+    Duplicate {
+        /// The stored message's id.
+        message_id: Uuid,
+        /// Its conversation.
+        conversation_id: Uuid,
+    },
+}
+
+/// Identity resolution and threading. Holds no state besides its policy:
+/// everything it decides is read from and written to the transaction.
+#[derive(Debug, Clone)]
+pub struct Router {
+    policy: Policy,
+    events_topic: String,
+}
+
+fn window_ms(d: Duration) -> Millis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The other phone-number kind: a WhatsApp id is a phone number.
+fn phone_twin(identity: &Identity) -> Option<Identity> {
+    let kind = match identity.kind {
+        IdentityKind::Phone => IdentityKind::Whatsapp,
+        IdentityKind::Whatsapp => IdentityKind::Phone,
+        _ => return None,
+    };
+    Some(Identity {
+        kind,
+        value: identity.value.clone(),
+    })
+}
+
+/// `reply+<conversation id>@…` addressing.
+fn reply_token(to: &Identity) -> Option<Uuid> {
+    if to.kind != IdentityKind::Email {
+        return None;
+    }
+    let local = to.value.split('@').next()?;
+    let token = local.strip_prefix("reply+")?;
+    Uuid::parse_str(token).ok()
+}
+
+struct Events<'a> {
+    topic: &'a str,
+    out: Vec<Event>,
+}
+
+impl Events<'_> {
+    fn emit(
+        &mut self,
+        tx: &mut dyn Tx,
+        customer_id: Uuid,
+        at: Millis,
+        kind: EventKind,
+    ) -> Result<(), StoreError> {
+        let event = Event {
+            schema: EventSchema::V1,
+            id: Uuid::now_v7(),
+            customer_id,
+            at: switchboard_store::from_millis(at),
+            kind,
+        };
+        let payload =
+            serde_json::to_vec(&event).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        tx.push_outbox(self.topic, customer_id.to_string().as_bytes(), &payload)?;
+        self.out.push(event);
+        Ok(())
+    }
+}
+
+impl Router {
+    /// A router with this policy, writing events for `events_topic`.
+    pub fn new(policy: Policy, events_topic: impl Into<String>) -> Self {
+        Router {
+            policy,
+            events_topic: events_topic.into(),
+        }
+    }
+
+    /// Routes one envelope. Idempotent on its key.
+    pub fn route(&self, tx: &mut dyn Tx, env: &Envelope) -> Result<Routed, RouteError> {
+        if let Some(found) = tx.message_by_key(&env.idempotency_key)? {
+            return Ok(Routed::Duplicate {
+                message_id: found.id,
+                conversation_id: found.conversation_id,
+            });
+        }
+        let at = millis(env.received_at);
+        let mut events = Events {
+            topic: &self.events_topic,
+            out: Vec::new(),
+        };
+        let customer_id = self.resolve_identity(tx, env.customer_identity(), at, &mut events)?;
+        let (mut conv, rule, opened, reopened) = self.thread(tx, env, customer_id, at)?;
+
+        conv.last_message_at = conv.last_message_at.max(at);
+        if env.direction == Direction::Inbound {
+            conv.last_inbound_channel = Some(env.channel);
+            conv.last_inbound_account = Some(env.account.clone());
+        }
+        if opened {
+            tx.insert_conversation(&conv)?;
+        } else {
+            tx.update_conversation(&conv)?;
+        }
+        let status = (env.direction == Direction::Outbound).then_some("sent");
+        tx.insert_message(&NewMessage {
+            envelope: env,
+            customer_id,
+            conversation_id: conv.id,
+            rule,
+            status,
+        })?;
+
+        if opened {
+            events.emit(
+                tx,
+                customer_id,
+                at,
+                EventKind::ConversationOpened {
+                    conversation_id: conv.id,
+                    channel: env.channel,
+                },
+            )?;
+        }
+        if reopened {
+            events.emit(
+                tx,
+                customer_id,
+                at,
+                EventKind::ConversationReopened {
+                    conversation_id: conv.id,
+                },
+            )?;
+        }
+        let kind = match env.direction {
+            Direction::Inbound => EventKind::MessageReceived {
+                message_id: env.id,
+                conversation_id: conv.id,
+                channel: env.channel,
+                rule,
+                reopened,
+            },
+            Direction::Outbound => EventKind::MessageSent {
+                message_id: env.id,
+                conversation_id: conv.id,
+                channel: env.channel,
+            },
+        };
+        events.emit(tx, customer_id, at, kind)?;
+        Ok(Routed::Stored {
+            message_id: env.id,
+            customer_id,
+            conversation_id: conv.id,
+            rule,
+            channel: env.channel,
+            events: events.out,
+        })
+    }
+
+    /// Finds or creates the customer owning `identity`, linking a phone
+    /// number and a WhatsApp id of the same number.
+    fn resolve_identity(
+        &self,
+        tx: &mut dyn Tx,
+        identity: &Identity,
+        at: Millis,
+        events: &mut Events<'_>,
+    ) -> Result<Uuid, RouteError> {
+        if let Some(owner) = tx.owner_of(identity)? {
+            return Ok(owner);
+        }
+        if let Some(twin) = phone_twin(identity)
+            && let Some(owner) = tx.owner_of(&twin)?
+        {
+            let evidence = format!("{} and {} are the same phone number", identity, twin);
+            tx.attach_identity(identity, owner, &evidence, at)?;
+            events.emit(
+                tx,
+                owner,
+                at,
+                EventKind::IdentityLinked {
+                    identity: identity.clone(),
+                    evidence,
+                },
+            )?;
+            return Ok(owner);
+        }
+        let customer = Uuid::now_v7();
+        tx.create_customer(customer, at)?;
+        tx.attach_identity(identity, customer, "first seen", at)?;
+        events.emit(
+            tx,
+            customer,
+            at,
+            EventKind::CustomerCreated {
+                identity: identity.clone(),
+            },
+        )?;
+        Ok(customer)
+    }
+
+    /// Decides the conversation: returns it (new or loaded), the rule, and
+    /// whether it was opened or reopened by this message.
+    fn thread(
+        &self,
+        tx: &mut dyn Tx,
+        env: &Envelope,
+        customer: Uuid,
+        at: Millis,
+    ) -> Result<(Conversation, ThreadRule, bool, bool), RouteError> {
+        let policy = self.policy.channel(env.channel);
+        let reopen = window_ms(policy.reopen);
+        let hints = &env.thread_hints;
+
+        // A conversation matched by headers or addressing (rules 1 and 2).
+        // An open one is joined; a resolved one reopens within the reopen
+        // window; past it, the message opens a new conversation (rule 5).
+        let try_join = |conv: Conversation| -> Option<(Conversation, bool)> {
+            match conv.status {
+                ConversationStatus::Open => Some((conv, false)),
+                ConversationStatus::Resolved => {
+                    let since = at - conv.resolved_at.unwrap_or(conv.last_message_at);
+                    (since <= reopen).then(|| (reopen_conv(conv), true))
+                }
+            }
+        };
+
+        let mut candidates: Vec<(ThreadRule, Uuid)> = Vec::new();
+        for id in &hints.in_reply_to {
+            if let Some(c) = tx.conversation_by_message_id(customer, id)? {
+                candidates.push((ThreadRule::InReplyTo, c));
+            }
+        }
+        for id in hints.references.iter().rev() {
+            if let Some(c) = tx.conversation_by_message_id(customer, id)? {
+                candidates.push((ThreadRule::References, c));
+            }
+        }
+        if let Some(thread) = &hints.provider_thread_id
+            && let Some(c) = tx.conversation_by_provider_thread(customer, env.channel, thread)?
+        {
+            candidates.push((ThreadRule::ProviderThread, c));
+        }
+        if let Some(own) = &hints.message_id
+            && let Some(c) = tx.conversation_referencing(customer, own)?
+        {
+            candidates.push((ThreadRule::ReferencedBy, c));
+        }
+        if let Some(c) = reply_token(&env.to) {
+            candidates.push((ThreadRule::ReplyAddress, c));
+        }
+        let mut header_matched = false;
+        for (rule, id) in candidates {
+            let Some(conv) = tx.conversation(id)? else {
+                continue;
+            };
+            if conv.customer_id != customer {
+                continue;
+            }
+            header_matched = true;
+            if let Some((conv, reopened)) = try_join(conv) {
+                return Ok((conv, rule, false, reopened));
+            }
+            // Matched, but resolved too long ago: rule 5 opens a new one.
+            break;
+        }
+
+        // Rule 3: same channel account, within the inactivity window. Email
+        // whose headers matched nothing (none, or a parent we never saw)
+        // must also match the normalized subject.
+        let subject = env.subject.as_deref().map(subject_key);
+        let subject_filter = policy
+            .match_subject
+            .then(|| subject.clone().unwrap_or_default());
+        if !header_matched
+            && let Some(conv) = tx.latest_conversation(
+                customer,
+                Some((env.channel, &env.account)),
+                subject_filter.as_deref(),
+            )?
+        {
+            match conv.status {
+                ConversationStatus::Open
+                    if at - conv.last_message_at <= window_ms(policy.inactivity) =>
+                {
+                    return Ok((conv, ThreadRule::Window, false, false));
+                }
+                ConversationStatus::Resolved => {
+                    if let Some((conv, reopened)) = try_join(conv) {
+                        return Ok((conv, ThreadRule::Window, false, reopened));
+                    }
+                }
+                ConversationStatus::Open => {}
+            }
+        }
+
+        // Rule 4: cross-channel continuation.
+        if !header_matched
+            && let Some(window) = policy.continuation
+            && let Some(conv) = tx.latest_conversation(customer, None, None)?
+            && conv.status == ConversationStatus::Open
+            && (conv.channel != env.channel || conv.account != env.account)
+            && at - conv.last_message_at <= window_ms(window)
+        {
+            return Ok((conv, ThreadRule::Continuation, false, false));
+        }
+
+        let conv = Conversation {
+            id: Uuid::now_v7(),
+            customer_id: customer,
+            channel: env.channel,
+            account: env.account.clone(),
+            status: ConversationStatus::Open,
+            opened_at: at,
+            last_message_at: at,
+            last_inbound_channel: None,
+            last_inbound_account: None,
+            resolved_at: None,
+            subject_key: policy.match_subject.then(|| subject.unwrap_or_default()),
+        };
+        Ok((conv, ThreadRule::New, true, false))
+    }
+
+    /// Applies one command. Idempotent on the command's id.
+    pub fn apply(&self, tx: &mut dyn Tx, cmd: &Command) -> Result<Vec<Event>, RouteError> {
+        let at = millis(cmd.at);
+        if !tx.first_application(cmd.id, at)? {
+            return Ok(Vec::new());
+        }
+        let mut events = Events {
+            topic: &self.events_topic,
+            out: Vec::new(),
+        };
+        match &cmd.kind {
+            CommandKind::IdentityLink { a, b, evidence } => {
+                self.link(tx, a, b, evidence, at, &mut events)?;
+            }
+            CommandKind::IdentityUnlink { identity, evidence } => {
+                let Some(old) = tx.owner_of(identity)? else {
+                    return Err(RouteError::Rejected(format!("unknown identity {identity}")));
+                };
+                if tx.identities_of(old)?.len() < 2 {
+                    return Err(RouteError::Rejected(format!(
+                        "identity {identity} is its customer's only identity; nothing to unlink"
+                    )));
+                }
+                let new_customer = Uuid::now_v7();
+                tx.create_customer(new_customer, at)?;
+                let evidence = evidence.as_deref().unwrap_or("unlink command");
+                tx.split_identity(identity, new_customer, evidence, at)?;
+                events.emit(
+                    tx,
+                    old,
+                    at,
+                    EventKind::IdentityUnlinked {
+                        identity: identity.clone(),
+                        new_customer,
+                    },
+                )?;
+            }
+            CommandKind::CustomerMerge {
+                survivor,
+                merged,
+                evidence,
+            } => {
+                let s = self.live_customer(tx, *survivor)?;
+                let m = self.live_customer(tx, *merged)?;
+                if s == m {
+                    return Ok(events.out);
+                }
+                tx.merge_customers(s, m, evidence, at)?;
+                events.emit(
+                    tx,
+                    s,
+                    at,
+                    EventKind::CustomerMerged {
+                        survivor: s,
+                        merged: m,
+                        evidence: evidence.clone(),
+                    },
+                )?;
+            }
+            CommandKind::ConversationResolve { conversation_id } => {
+                let mut conv = self.conversation(tx, *conversation_id)?;
+                if conv.status == ConversationStatus::Open {
+                    conv.status = ConversationStatus::Resolved;
+                    conv.resolved_at = Some(at);
+                    tx.update_conversation(&conv)?;
+                    events.emit(
+                        tx,
+                        conv.customer_id,
+                        at,
+                        EventKind::ConversationResolved {
+                            conversation_id: conv.id,
+                        },
+                    )?;
+                }
+            }
+            CommandKind::ConversationReopen { conversation_id } => {
+                let conv = self.conversation(tx, *conversation_id)?;
+                if conv.status == ConversationStatus::Resolved {
+                    let conv = reopen_conv(conv);
+                    tx.update_conversation(&conv)?;
+                    events.emit(
+                        tx,
+                        conv.customer_id,
+                        at,
+                        EventKind::ConversationReopened {
+                            conversation_id: conv.id,
+                        },
+                    )?;
+                }
+            }
+            CommandKind::CustomerErase { customer_id } => {
+                let Some(id) = tx.resolve_customer(*customer_id)? else {
+                    return Err(RouteError::Rejected(format!(
+                        "unknown customer {customer_id}"
+                    )));
+                };
+                if !tx.is_erased(id)? {
+                    tx.erase_customer(id, at)?;
+                    events.emit(tx, id, at, EventKind::CustomerErased {})?;
+                }
+            }
+        }
+        Ok(events.out)
+    }
+
+    fn live_customer(&self, tx: &mut dyn Tx, id: Uuid) -> Result<Uuid, RouteError> {
+        let resolved = tx
+            .resolve_customer(id)?
+            .ok_or_else(|| RouteError::Rejected(format!("unknown customer {id}")))?;
+        if tx.is_erased(resolved)? {
+            return Err(RouteError::Rejected(format!("customer {id} was erased")));
+        }
+        Ok(resolved)
+    }
+
+    fn conversation(&self, tx: &mut dyn Tx, id: Uuid) -> Result<Conversation, RouteError> {
+        tx.conversation(id)?
+            .ok_or_else(|| RouteError::Rejected(format!("unknown conversation {id}")))
+    }
+
+    /// Links two identities: an unknown one joins the other's customer; two
+    /// customers merge, the older surviving.
+    fn link(
+        &self,
+        tx: &mut dyn Tx,
+        a: &Identity,
+        b: &Identity,
+        evidence: &str,
+        at: Millis,
+        events: &mut Events<'_>,
+    ) -> Result<(), RouteError> {
+        let owner_a = tx.owner_of(a)?;
+        let owner_b = tx.owner_of(b)?;
+        match (owner_a, owner_b) {
+            (None, None) => {
+                let customer = Uuid::now_v7();
+                tx.create_customer(customer, at)?;
+                for id in [a, b] {
+                    tx.attach_identity(id, customer, evidence, at)?;
+                    events.emit(
+                        tx,
+                        customer,
+                        at,
+                        EventKind::IdentityLinked {
+                            identity: id.clone(),
+                            evidence: evidence.to_owned(),
+                        },
+                    )?;
+                }
+            }
+            (Some(owner), None) | (None, Some(owner)) => {
+                let new = if owner_a.is_none() { a } else { b };
+                tx.attach_identity(new, owner, evidence, at)?;
+                events.emit(
+                    tx,
+                    owner,
+                    at,
+                    EventKind::IdentityLinked {
+                        identity: new.clone(),
+                        evidence: evidence.to_owned(),
+                    },
+                )?;
+            }
+            (Some(x), Some(y)) if x == y => {}
+            (Some(x), Some(y)) => {
+                // UUIDv7 ids order by creation: the older customer survives.
+                let (survivor, merged) = if x < y { (x, y) } else { (y, x) };
+                tx.merge_customers(survivor, merged, evidence, at)?;
+                events.emit(
+                    tx,
+                    survivor,
+                    at,
+                    EventKind::CustomerMerged {
+                        survivor,
+                        merged,
+                        evidence: evidence.to_owned(),
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reopen_conv(mut conv: Conversation) -> Conversation {
+    conv.status = ConversationStatus::Open;
+    conv.resolved_at = None;
+    conv
+}

@@ -1,0 +1,436 @@
+//! The router's consumer loops: read a batch from the bus, route it in one
+//! store transaction, publish its events, dead-letter what cannot be routed,
+//! and only then commit the offsets.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use switchboard_core::bus::Outgoing;
+use switchboard_core::{
+    Bus, BusError, Command, Consumer, DeadLetter, Envelope, Record, Retryable, Topics,
+    decode_command, decode_envelope,
+};
+use switchboard_store::{Store, StoreError};
+use tokio::sync::{Mutex, watch};
+
+use crate::route::{RouteError, Routed, Router};
+
+/// The consumer group routing `inbound.v1`.
+pub const INBOUND_GROUP: &str = "switchboard-router";
+/// The consumer group applying `commands.v1`.
+pub const COMMANDS_GROUP: &str = "switchboard-commands";
+
+/// Why a consumer loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The bus failed in a way retrying did not fix.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The store failed in a way retrying cannot fix.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The router's metrics.
+#[derive(Clone)]
+pub struct RouterMetrics {
+    routed: IntCounterVec,
+    duplicates: IntCounter,
+    latency: Histogram,
+    errors: IntCounterVec,
+    dead_letters: IntCounterVec,
+    commands: IntCounterVec,
+}
+
+impl RouterMetrics {
+    /// Creates the metrics and registers them.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = RouterMetrics {
+            routed: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_messages_routed_total",
+                    "messages stored, by channel and deciding rule",
+                ),
+                &["channel", "rule"],
+            )?,
+            duplicates: IntCounter::new(
+                "switchboard_messages_duplicate_total",
+                "redelivered messages recognised by idempotency key and skipped",
+            )?,
+            latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "switchboard_routing_latency_seconds",
+                    "time from a record's append to inbound.v1 until its effect is stored",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )?,
+            errors: IntCounterVec::new(
+                Opts::new("switchboard_router_errors_total", "routing errors, by kind"),
+                &["kind"],
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_dead_letters_total",
+                    "records sent to dlq.v1, by source topic",
+                ),
+                &["topic"],
+            )?,
+            commands: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_commands_applied_total",
+                    "commands applied, by type",
+                ),
+                &["type"],
+            )?,
+        };
+        registry.register(Box::new(m.routed.clone()))?;
+        registry.register(Box::new(m.duplicates.clone()))?;
+        registry.register(Box::new(m.latency.clone()))?;
+        registry.register(Box::new(m.errors.clone()))?;
+        registry.register(Box::new(m.dead_letters.clone()))?;
+        registry.register(Box::new(m.commands.clone()))?;
+        Ok(m)
+    }
+
+    /// The routing latency histogram (for benchmarks).
+    pub fn latency(&self) -> &Histogram {
+        &self.latency
+    }
+}
+
+/// Everything the consumer loops need.
+pub struct Pipeline {
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    router: Router,
+    topics: Topics,
+    metrics: RouterMetrics,
+    batch: usize,
+    outbox_lock: Mutex<()>,
+}
+
+/// What happened to one record of a batch.
+enum Outcome {
+    Routed(Routed),
+    Applied(&'static str),
+    Dead(String),
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Pipeline {
+    /// Wires a pipeline. `batch` bounds how many records one transaction
+    /// routes.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn Store>,
+        router: Router,
+        topics: Topics,
+        metrics: RouterMetrics,
+        batch: usize,
+    ) -> Self {
+        Pipeline {
+            bus,
+            store,
+            router,
+            topics,
+            metrics,
+            batch: batch.max(1),
+            outbox_lock: Mutex::new(()),
+        }
+    }
+
+    /// Routes `inbound.v1` until `shutdown` turns true, finishing the batch
+    /// in hand first.
+    pub async fn run_inbound(
+        self: Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        let consumer = self
+            .bus
+            .subscribe(&self.topics.inbound, INBOUND_GROUP)
+            .await?;
+        self.run_loop(consumer, INBOUND_GROUP, shutdown, Kind::Inbound)
+            .await
+    }
+
+    /// Applies `commands.v1` until `shutdown` turns true.
+    pub async fn run_commands(
+        self: Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        let consumer = self
+            .bus
+            .subscribe(&self.topics.commands, COMMANDS_GROUP)
+            .await?;
+        self.run_loop(consumer, COMMANDS_GROUP, shutdown, Kind::Commands)
+            .await
+    }
+
+    async fn run_loop(
+        &self,
+        mut consumer: Box<dyn Consumer>,
+        group: &str,
+        mut shutdown: watch::Receiver<bool>,
+        kind: Kind,
+    ) -> Result<(), PipelineError> {
+        // Events committed before a crash but not yet published go out first.
+        self.flush_outbox().await?;
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let records = tokio::select! {
+                r = consumer.poll(self.batch, Duration::from_millis(500)) => r,
+                _ = shutdown.changed() => continue,
+            };
+            let records = match records {
+                Ok(r) => r,
+                Err(error) if error.retryable() => {
+                    tracing::warn!(%error, group, "poll failed; retrying");
+                    self.metrics.errors.with_label_values(&["bus"]).inc();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if records.is_empty() {
+                continue;
+            }
+            self.process(&records, &mut *consumer, group, kind).await?;
+        }
+    }
+
+    /// Routes one batch to completion: stored, published, committed.
+    async fn process(
+        &self,
+        records: &[Record],
+        consumer: &mut dyn Consumer,
+        group: &str,
+        kind: Kind,
+    ) -> Result<(), PipelineError> {
+        let outcomes = self.store_batch(records, kind).await?;
+
+        let mut dead = Vec::new();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for (record, outcome) in records.iter().zip(&outcomes) {
+            match outcome {
+                Outcome::Routed(Routed::Stored { rule, channel, .. }) => {
+                    self.metrics
+                        .routed
+                        .with_label_values(&[channel.as_str(), rule.as_str()])
+                        .inc();
+                    let ms = (now_ms - record.timestamp_ms).max(0);
+                    self.metrics.latency.observe(ms as f64 / 1000.0);
+                }
+                Outcome::Routed(Routed::Duplicate { .. }) => self.metrics.duplicates.inc(),
+                Outcome::Applied(name) => {
+                    self.metrics.commands.with_label_values(&[name]).inc();
+                }
+                Outcome::Dead(reason) => {
+                    tracing::warn!(
+                        topic = %record.topic, partition = record.partition, offset = record.offset,
+                        reason = %reason, "dead-lettering record"
+                    );
+                    let letter = DeadLetter::for_record(record, group, reason.clone(), false);
+                    dead.push(Outgoing {
+                        topic: self.topics.dlq.clone(),
+                        key: record.key.clone(),
+                        payload: serde_json::to_vec(&letter).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        if !dead.is_empty() {
+            let n = dead.len() as u64;
+            self.retry_bus(|| self.bus.publish_batch(dead.clone()))
+                .await?;
+            self.metrics
+                .dead_letters
+                .with_label_values(&[records[0].topic.as_str()])
+                .inc_by(n);
+        }
+        self.flush_outbox().await?;
+
+        let mut next: BTreeMap<u32, u64> = BTreeMap::new();
+        for r in records {
+            let e = next.entry(r.partition).or_default();
+            *e = (*e).max(r.offset + 1);
+        }
+        let offsets: Vec<(u32, u64)> = next.into_iter().collect();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match consumer.commit(&offsets).await {
+                Ok(()) => return Ok(()),
+                Err(error) if error.retryable() => {
+                    tracing::warn!(%error, group, "offset commit failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Runs the batch in one store transaction, retrying the whole batch
+    /// while the store is unavailable. Records that cannot be routed are
+    /// rolled back to their savepoint and reported for the dead-letter topic.
+    async fn store_batch(
+        &self,
+        records: &[Record],
+        kind: Kind,
+    ) -> Result<Vec<Outcome>, PipelineError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let store = Arc::clone(&self.store);
+            let router = self.router.clone();
+            let batch = records.to_vec();
+            let res =
+                tokio::task::spawn_blocking(move || route_batch(&*store, &router, &batch, kind))
+                    .await
+                    .unwrap_or_else(|join| {
+                        Err(StoreError::Unavailable(format!(
+                            "routing task failed: {join}"
+                        )))
+                    });
+            match res {
+                Ok(outcomes) => return Ok(outcomes),
+                Err(error) if error.retryable() => {
+                    tracing::warn!(%error, "store unavailable; retrying batch");
+                    self.metrics.errors.with_label_values(&["store"]).inc();
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Publishes committed events that are still in the outbox.
+    pub async fn flush_outbox(&self) -> Result<(), PipelineError> {
+        let _guard = self.outbox_lock.lock().await;
+        loop {
+            let store = Arc::clone(&self.store);
+            let pending = tokio::task::spawn_blocking(move || store.outbox(2048))
+                .await
+                .unwrap_or_else(|join| Err(StoreError::Unavailable(join.to_string())))?;
+            let Some(last) = pending.last().map(|r| r.seq) else {
+                return Ok(());
+            };
+            let batch: Vec<Outgoing> = pending
+                .into_iter()
+                .map(|r| Outgoing {
+                    topic: r.topic,
+                    key: r.key,
+                    payload: r.payload,
+                })
+                .collect();
+            self.retry_bus(|| self.bus.publish_batch(batch.clone()))
+                .await?;
+            let store = Arc::clone(&self.store);
+            tokio::task::spawn_blocking(move || store.outbox_done(last))
+                .await
+                .unwrap_or_else(|join| Err(StoreError::Unavailable(join.to_string())))?;
+        }
+    }
+
+    async fn retry_bus<F, Fut, T>(&self, mut f: F) -> Result<T, PipelineError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, BusError>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(error) if error.retryable() => {
+                    tracing::warn!(%error, "publish failed; retrying");
+                    self.metrics.errors.with_label_values(&["bus"]).inc();
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Inbound,
+    Commands,
+}
+
+fn route_batch(
+    store: &dyn Store,
+    router: &Router,
+    records: &[Record],
+    kind: Kind,
+) -> Result<Vec<Outcome>, StoreError> {
+    let started = Instant::now();
+    let mut tx = store.begin()?;
+    let mut outcomes = Vec::with_capacity(records.len());
+    for record in records {
+        let decoded: Result<Decoded, String> = match kind {
+            Kind::Inbound => decode_envelope(&record.payload)
+                .map(Decoded::Envelope)
+                .map_err(|e| e.to_string()),
+            Kind::Commands => decode_command(&record.payload)
+                .map(Decoded::Command)
+                .map_err(|e| e.to_string()),
+        };
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(reason) => {
+                outcomes.push(Outcome::Dead(reason));
+                continue;
+            }
+        };
+        tx.savepoint()?;
+        let res = match &decoded {
+            Decoded::Envelope(env) => router.route(&mut *tx, env).map(Outcome::Routed),
+            Decoded::Command(cmd) => router
+                .apply(&mut *tx, cmd)
+                .map(|_| Outcome::Applied(command_name(cmd))),
+        };
+        match res {
+            Ok(outcome) => {
+                tx.release_savepoint()?;
+                outcomes.push(outcome);
+            }
+            Err(RouteError::Store(e)) if e.retryable() => return Err(e),
+            Err(e) => {
+                tx.rollback_to_savepoint()?;
+                outcomes.push(Outcome::Dead(e.to_string()));
+            }
+        }
+    }
+    tx.commit()?;
+    tracing::debug!(
+        records = records.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "batch routed"
+    );
+    Ok(outcomes)
+}
+
+enum Decoded {
+    Envelope(Envelope),
+    Command(Command),
+}
+
+fn command_name(cmd: &Command) -> &'static str {
+    use switchboard_core::CommandKind::*;
+    match cmd.kind {
+        IdentityLink { .. } => "identity.link",
+        IdentityUnlink { .. } => "identity.unlink",
+        CustomerMerge { .. } => "customer.merge",
+        ConversationResolve { .. } => "conversation.resolve",
+        ConversationReopen { .. } => "conversation.reopen",
+        CustomerErase { .. } => "customer.erase",
+    }
+}

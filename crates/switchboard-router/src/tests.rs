@@ -1,0 +1,651 @@
+//! Table-driven tests of identity resolution and threading against the real
+//! SQLite store.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Duration, Utc};
+use switchboard_core::envelope::EnvelopeSchema;
+use switchboard_core::records::CommandSchema;
+use switchboard_core::{
+    Channel, Command, CommandKind, Direction, Envelope, Identity, ThreadHints, ThreadRule, Trace,
+};
+use switchboard_store::{SqliteStore, Store};
+use uuid::Uuid;
+
+use crate::{Policy, Routed, Router};
+
+const SUPPORT: &str = "support@example.com";
+const SMS_NUMBER: &str = "+15550001111";
+
+/// A message in a scenario.
+#[derive(Clone)]
+struct M {
+    label: &'static str,
+    channel: Channel,
+    customer: &'static str,
+    hours: f64,
+    direction: Direction,
+    subject: Option<&'static str>,
+    message_id: Option<&'static str>,
+    in_reply_to: &'static [&'static str],
+    references: &'static [&'static str],
+}
+
+fn m(label: &'static str, channel: Channel, customer: &'static str, hours: f64) -> M {
+    M {
+        label,
+        channel,
+        customer,
+        hours,
+        direction: Direction::Inbound,
+        subject: None,
+        message_id: None,
+        in_reply_to: &[],
+        references: &[],
+    }
+}
+
+impl M {
+    fn subject(mut self, s: &'static str) -> Self {
+        self.subject = Some(s);
+        self
+    }
+    fn mid(mut self, s: &'static str) -> Self {
+        self.message_id = Some(s);
+        self
+    }
+    fn irt(mut self, s: &'static [&'static str]) -> Self {
+        self.in_reply_to = s;
+        self
+    }
+    fn refs(mut self, s: &'static [&'static str]) -> Self {
+        self.references = s;
+        self
+    }
+    fn outbound(mut self) -> Self {
+        self.direction = Direction::Outbound;
+        self
+    }
+}
+
+enum Step {
+    Msg(M),
+    /// Deliver the message with this label again.
+    Redeliver(&'static str),
+    /// Resolve the conversation of this message, at this hour.
+    Resolve(&'static str, f64),
+    /// Link two identities (`kind:value`).
+    Link(&'static str, &'static str, f64),
+    /// Unlink an identity.
+    Unlink(&'static str, f64),
+    /// Erase the customer owning this identity.
+    Erase(&'static str, f64),
+}
+
+enum Expect {
+    SameConversation(&'static str, &'static str),
+    NewConversation(&'static str, &'static str),
+    Rule(&'static str, ThreadRule),
+    SameCustomer(&'static str, &'static str),
+    OtherCustomer(&'static str, &'static str),
+    /// The customer owning the identity has this many messages.
+    Messages(&'static str, usize),
+    /// The identity was erased: unknown now, its customer a tombstone.
+    Erased(&'static str),
+    /// The customer owning the identity has `n` identities.
+    Identities(&'static str, usize),
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: SqliteStore,
+    router: Router,
+    t0: DateTime<Utc>,
+    sent: HashMap<&'static str, Envelope>,
+    routed: HashMap<&'static str, (Uuid, Uuid, ThreadRule)>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("history.sqlite3")).unwrap();
+        Harness {
+            _dir: dir,
+            store,
+            router: Router::new(Policy::default(), "events"),
+            t0: "2026-11-01T08:00:00Z".parse().unwrap(),
+            sent: HashMap::new(),
+            routed: HashMap::new(),
+        }
+    }
+
+    fn at(&self, hours: f64) -> DateTime<Utc> {
+        self.t0 + Duration::milliseconds((hours * 3_600_000.0) as i64)
+    }
+
+    fn envelope(&self, m: &M) -> Envelope {
+        let customer = Identity::parse(m.customer).unwrap();
+        let ours = match m.channel {
+            Channel::Email => Identity::parse(&format!("email:{SUPPORT}")).unwrap(),
+            _ => Identity::parse(&format!("phone:{SMS_NUMBER}")).unwrap(),
+        };
+        let account = if m.channel == Channel::Email {
+            SUPPORT
+        } else {
+            SMS_NUMBER
+        };
+        let (from, to) = match m.direction {
+            Direction::Inbound => (customer, ours),
+            Direction::Outbound => (ours, customer),
+        };
+        let strs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        Envelope {
+            schema: EnvelopeSchema::V1,
+            id: Uuid::now_v7(),
+            idempotency_key: format!("{}:{}:{}", m.channel, account, m.label),
+            channel: m.channel,
+            provider: "test".into(),
+            account: account.into(),
+            direction: m.direction,
+            from,
+            to,
+            sent_at: None,
+            received_at: self.at(m.hours),
+            subject: m.subject.map(str::to_owned),
+            text: format!("message {}", m.label),
+            attachments: vec![],
+            thread_hints: ThreadHints {
+                message_id: m.message_id.map(str::to_owned),
+                in_reply_to: strs(m.in_reply_to),
+                references: strs(m.references),
+                provider_thread_id: None,
+            },
+            provider_raw: None,
+            trace: Trace::default(),
+        }
+    }
+
+    fn deliver(&mut self, label: &'static str, env: &Envelope) -> Routed {
+        let mut tx = self.store.begin().unwrap();
+        let routed = self.router.route(&mut *tx, env).unwrap();
+        tx.commit().unwrap();
+        if let Routed::Stored {
+            customer_id,
+            conversation_id,
+            rule,
+            ..
+        } = &routed
+        {
+            self.routed
+                .insert(label, (*conversation_id, *customer_id, *rule));
+        }
+        routed
+    }
+
+    fn command(&mut self, kind: CommandKind, hours: f64) {
+        let cmd = Command {
+            schema: CommandSchema::V1,
+            id: Uuid::now_v7(),
+            at: self.at(hours),
+            kind,
+        };
+        let mut tx = self.store.begin().unwrap();
+        self.router.apply(&mut *tx, &cmd).unwrap();
+        tx.commit().unwrap();
+    }
+
+    fn run(&mut self, step: Step) {
+        match step {
+            Step::Msg(m) => {
+                let env = self.envelope(&m);
+                let routed = self.deliver(m.label, &env);
+                assert!(
+                    matches!(routed, Routed::Stored { .. }),
+                    "{}: {routed:?}",
+                    m.label
+                );
+                self.sent.insert(m.label, env);
+            }
+            Step::Redeliver(label) => {
+                let env = self.sent[label].clone();
+                let routed = self.deliver(label, &env);
+                assert!(
+                    matches!(routed, Routed::Duplicate { .. }),
+                    "{label}: {routed:?}"
+                );
+            }
+            Step::Resolve(label, hours) => {
+                let conversation_id = self.conv(label);
+                self.command(CommandKind::ConversationResolve { conversation_id }, hours);
+            }
+            Step::Link(a, b, hours) => self.command(
+                CommandKind::IdentityLink {
+                    a: Identity::parse(a).unwrap(),
+                    b: Identity::parse(b).unwrap(),
+                    evidence: "crm says so".into(),
+                },
+                hours,
+            ),
+            Step::Unlink(identity, hours) => self.command(
+                CommandKind::IdentityUnlink {
+                    identity: Identity::parse(identity).unwrap(),
+                    evidence: None,
+                },
+                hours,
+            ),
+            Step::Erase(identity, hours) => {
+                let customer_id = self.customer_of(identity).unwrap();
+                self.command(CommandKind::CustomerErase { customer_id }, hours);
+            }
+        }
+    }
+
+    /// The conversation a message is stored in now (merges move them).
+    fn conv(&self, label: &str) -> Uuid {
+        let env = &self.sent[label];
+        let mut tx = self.store.begin().unwrap();
+        tx.message_by_key(&env.idempotency_key)
+            .unwrap()
+            .unwrap()
+            .conversation_id
+    }
+
+    fn customer(&self, label: &str) -> Uuid {
+        let env = &self.sent[label];
+        let mut tx = self.store.begin().unwrap();
+        tx.message_by_key(&env.idempotency_key)
+            .unwrap()
+            .unwrap()
+            .customer_id
+    }
+
+    fn customer_of(&self, identity: &str) -> Option<Uuid> {
+        self.store
+            .customer_by_identity(&Identity::parse(identity).unwrap())
+            .unwrap()
+            .map(|c| c.id)
+    }
+
+    fn check(&self, case: &str, e: &Expect) {
+        match e {
+            Expect::SameConversation(a, b) => {
+                assert_eq!(
+                    self.conv(a),
+                    self.conv(b),
+                    "{case}: {a} and {b} should share a conversation"
+                )
+            }
+            Expect::NewConversation(a, b) => {
+                assert_ne!(
+                    self.conv(a),
+                    self.conv(b),
+                    "{case}: {a} and {b} should not share a conversation"
+                )
+            }
+            Expect::Rule(a, rule) => assert_eq!(self.routed[a].2, *rule, "{case}: rule of {a}"),
+            Expect::SameCustomer(a, b) => {
+                assert_eq!(
+                    self.customer(a),
+                    self.customer(b),
+                    "{case}: {a} and {b} same customer"
+                )
+            }
+            Expect::OtherCustomer(a, b) => {
+                assert_ne!(
+                    self.customer(a),
+                    self.customer(b),
+                    "{case}: {a} and {b} other customers"
+                )
+            }
+            Expect::Messages(identity, n) => {
+                let id = self.customer_of(identity).expect("customer");
+                let t = self.store.timeline(id, None, 1000).unwrap().unwrap();
+                assert_eq!(t.messages.len(), *n, "{case}: messages of {identity}");
+                let mut sorted = t.messages.clone();
+                sorted.sort_by_key(|m| (m.received_at, m.seq));
+                assert_eq!(sorted, t.messages, "{case}: timeline in order");
+            }
+            Expect::Erased(identity) => {
+                assert_eq!(
+                    self.customer_of(identity),
+                    None,
+                    "{case}: {identity} erased"
+                );
+                for env in self
+                    .sent
+                    .values()
+                    .filter(|e| e.customer_identity().to_string() == *identity)
+                {
+                    let mut tx = self.store.begin().unwrap();
+                    assert!(
+                        tx.message_by_key(&env.idempotency_key).unwrap().is_none(),
+                        "{case}: message kept"
+                    );
+                }
+            }
+            Expect::Identities(identity, n) => {
+                let id = self.customer_of(identity).expect("customer");
+                let c = self.store.customer(id).unwrap().unwrap();
+                assert_eq!(
+                    c.identities.len(),
+                    *n,
+                    "{case}: identities of {identity}: {:?}",
+                    c.identities
+                );
+            }
+        }
+    }
+}
+
+const ADA: &str = "email:ada@example.org";
+const ADA_PHONE: &str = "phone:+14155550100";
+const ADA_WA: &str = "whatsapp:+14155550100";
+const BOB: &str = "email:bob@example.org";
+
+#[test]
+fn threading_and_identity_table() {
+    use Channel::{Email, Sms, Whatsapp};
+    use Expect::*;
+    use Step::*;
+    let cases: Vec<(&str, Vec<Step>, Vec<Expect>)> = vec![
+        (
+            "reply whose In-Reply-To names one of our outbound messages",
+            vec![
+                Msg(m("q", Email, ADA, 0.0).subject("Order 1042").mid("q@ada")),
+                Msg(m("ours", Email, ADA, 1.0)
+                    .outbound()
+                    .subject("Re: Order 1042")
+                    .mid("sb.1@switchboard")
+                    .irt(&["q@ada"])),
+                Msg(m("other", Email, ADA, 1.5)
+                    .subject("Something else")
+                    .mid("o@ada")),
+                Msg(m("reply", Email, ADA, 30.0)
+                    .subject("Totally new subject")
+                    .mid("r@ada")
+                    .irt(&["sb.1@switchboard"])),
+            ],
+            vec![
+                SameConversation("q", "ours"),
+                SameConversation("q", "reply"),
+                Rule("reply", ThreadRule::InReplyTo),
+                NewConversation("q", "other"),
+            ],
+        ),
+        (
+            "References are used newest first",
+            vec![
+                Msg(m("a", Email, ADA, 0.0).subject("A").mid("a@ada")),
+                Msg(m("b", Email, ADA, 0.1).subject("B").mid("b@ada")),
+                Msg(m("c", Email, ADA, 0.2)
+                    .subject("Re: A")
+                    .mid("c@ada")
+                    .refs(&["a@ada", "b@ada"])),
+            ],
+            vec![
+                NewConversation("a", "b"),
+                SameConversation("b", "c"),
+                Rule("c", ThreadRule::References),
+            ],
+        ),
+        (
+            "a parent that is missing opens a conversation unless the subject matches",
+            vec![
+                Msg(m("a", Email, ADA, 0.0).subject("Invoice").mid("a@ada")),
+                Msg(m("b", Email, ADA, 1.0)
+                    .subject("Re: Shipping")
+                    .mid("b@ada")
+                    .irt(&["never-seen@x"])),
+                Msg(m("c", Email, ADA, 2.0)
+                    .subject("Re: Invoice")
+                    .mid("c@ada")
+                    .irt(&["never-seen-2@x"])),
+            ],
+            vec![
+                NewConversation("a", "b"),
+                Rule("b", ThreadRule::New),
+                SameConversation("a", "c"),
+                Rule("c", ThreadRule::Window),
+            ],
+        ),
+        (
+            "no headers: Re: and AW: subjects thread by subject within the window",
+            vec![
+                Msg(m("a", Email, ADA, 0.0).subject("Broken charger")),
+                Msg(m("b", Email, ADA, 1.0).subject("Re: Broken charger")),
+                Msg(m("c", Email, ADA, 2.0).subject("AW: RE: broken charger")),
+                Msg(m("d", Email, ADA, 3.0).subject("A different question")),
+            ],
+            vec![
+                SameConversation("a", "b"),
+                SameConversation("a", "c"),
+                Rule("c", ThreadRule::Window),
+                NewConversation("a", "d"),
+            ],
+        ),
+        (
+            "an SMS 25 h after the last one opens a new conversation",
+            vec![
+                Msg(m("a", Sms, ADA_PHONE, 0.0)),
+                Msg(m("b", Sms, ADA_PHONE, 23.0)),
+                Msg(m("c", Sms, ADA_PHONE, 48.0)),
+            ],
+            vec![
+                SameConversation("a", "b"),
+                Rule("b", ThreadRule::Window),
+                NewConversation("b", "c"),
+                Rule("c", ThreadRule::New),
+            ],
+        ),
+        (
+            "an SMS that follows an email within the continuation window joins it",
+            vec![
+                Link(ADA, ADA_PHONE, 0.0),
+                Msg(m("mail", Email, ADA, 0.0).subject("Where is my order")),
+                Msg(m("sms", Sms, ADA_PHONE, 1.5)),
+                Msg(m("late", Sms, ADA_PHONE, 30.0)),
+            ],
+            vec![
+                SameConversation("mail", "sms"),
+                Rule("sms", ThreadRule::Continuation),
+                NewConversation("mail", "late"),
+            ],
+        ),
+        (
+            "a message 3 days after resolve reopens; 10 days after opens a new one",
+            vec![
+                Msg(m("a", Sms, ADA_PHONE, 0.0)),
+                Resolve("a", 1.0),
+                Msg(m("b", Sms, ADA_PHONE, 73.0)),
+                Resolve("b", 74.0),
+                Msg(m("c", Sms, ADA_PHONE, 74.0 + 240.0)),
+            ],
+            vec![
+                SameConversation("a", "b"),
+                Rule("b", ThreadRule::Window),
+                NewConversation("b", "c"),
+            ],
+        ),
+        (
+            "an email reply to a resolved conversation reopens it within 7 days, not after",
+            vec![
+                Msg(m("a", Email, ADA, 0.0).subject("Refund").mid("a@ada")),
+                Resolve("a", 1.0),
+                Msg(m("b", Email, ADA, 50.0)
+                    .subject("Re: Refund")
+                    .mid("b@ada")
+                    .irt(&["a@ada"])),
+                Resolve("b", 51.0),
+                Msg(m("c", Email, ADA, 51.0 + 24.0 * 8.0)
+                    .subject("Re: Refund")
+                    .mid("c@ada")
+                    .irt(&["b@ada"])),
+            ],
+            vec![
+                SameConversation("a", "b"),
+                Rule("b", ThreadRule::InReplyTo),
+                NewConversation("a", "c"),
+                Rule("c", ThreadRule::New),
+            ],
+        ),
+        (
+            "a WhatsApp id links to the same phone seen on SMS",
+            vec![
+                Msg(m("sms", Sms, ADA_PHONE, 0.0)),
+                Msg(m("wa", Whatsapp, ADA_WA, 5.0)),
+            ],
+            vec![
+                SameCustomer("sms", "wa"),
+                Identities(ADA_PHONE, 2),
+                NewConversation("sms", "wa"),
+            ],
+        ),
+        (
+            "a link command merges two customers that both have history",
+            vec![
+                Msg(m("mail1", Email, ADA, 0.0).subject("Hello")),
+                Msg(m("mail2", Email, ADA, 0.5).subject("Re: Hello")),
+                Msg(m("sms1", Sms, ADA_PHONE, 10.0)),
+                Msg(m("sms2", Sms, ADA_PHONE, 10.5)),
+                Link(ADA_PHONE, ADA, 11.0),
+                Msg(m("bob", Email, BOB, 11.0).subject("Hello")),
+            ],
+            vec![
+                SameCustomer("mail1", "sms2"),
+                Messages(ADA, 4),
+                Messages(ADA_PHONE, 4),
+                Identities(ADA, 2),
+                SameConversation("mail1", "mail2"),
+                SameConversation("sms1", "sms2"),
+                OtherCustomer("mail1", "bob"),
+            ],
+        ),
+        (
+            "unlink splits the merge again",
+            vec![
+                Msg(m("mail", Email, ADA, 0.0).subject("Hello")),
+                Msg(m("sms", Sms, ADA_PHONE, 10.0)),
+                Link(ADA_PHONE, ADA, 11.0),
+                Unlink(ADA_PHONE, 12.0),
+            ],
+            vec![
+                OtherCustomer("mail", "sms"),
+                Messages(ADA, 1),
+                Messages(ADA_PHONE, 1),
+                Identities(ADA, 1),
+            ],
+        ),
+        (
+            "erase leaves a tombstone and nothing else",
+            vec![
+                Msg(m("a", Email, ADA, 0.0).subject("Hi")),
+                Msg(m("b", Sms, ADA_PHONE, 1.0)),
+                Link(ADA, ADA_PHONE, 2.0),
+                Msg(m("bob", Email, BOB, 2.0).subject("Hi")),
+                Erase(ADA, 3.0),
+            ],
+            vec![Erased(ADA), Erased(ADA_PHONE), Messages(BOB, 1)],
+        ),
+        (
+            "out-of-order arrival of an email and its reply",
+            vec![
+                Msg(m("reply", Email, ADA, 1.0)
+                    .subject("Re: Order")
+                    .mid("r@ada")
+                    .irt(&["p@ada"])
+                    .refs(&["p@ada"])),
+                Msg(m("parent", Email, ADA, 0.0).subject("Order").mid("p@ada")),
+            ],
+            vec![
+                SameConversation("reply", "parent"),
+                Rule("parent", ThreadRule::ReferencedBy),
+                Messages(ADA, 2),
+            ],
+        ),
+        (
+            "a redelivered message changes nothing",
+            vec![
+                Msg(m("a", Sms, ADA_PHONE, 0.0)),
+                Redeliver("a"),
+                Redeliver("a"),
+            ],
+            vec![Messages(ADA_PHONE, 1)],
+        ),
+        (
+            "other customers never share a conversation even on the same account",
+            vec![
+                Msg(m("ada", Email, ADA, 0.0).subject("Hi")),
+                Msg(m("bob", Email, BOB, 0.1).subject("Hi")),
+            ],
+            vec![NewConversation("ada", "bob"), OtherCustomer("ada", "bob")],
+        ),
+    ];
+    for (name, steps, expects) in cases {
+        let mut h = Harness::new();
+        for step in steps {
+            h.run(step);
+        }
+        for e in &expects {
+            h.check(name, e);
+        }
+    }
+}
+
+#[test]
+fn events_land_in_the_outbox_with_the_effect() {
+    let mut h = Harness::new();
+    h.run(Step::Msg(m("a", Channel::Sms, ADA_PHONE, 0.0)));
+    let outbox = h.store.outbox(100).unwrap();
+    let types: Vec<String> = outbox
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            v["type"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "customer.created",
+            "conversation.opened",
+            "message.received"
+        ]
+    );
+    let customer = h.customer("a").to_string();
+    assert!(outbox.iter().all(|r| r.key == customer.as_bytes()));
+    h.run(Step::Redeliver("a"));
+    assert_eq!(
+        h.store.outbox(100).unwrap().len(),
+        3,
+        "a duplicate emits nothing"
+    );
+}
+
+#[test]
+fn commands_apply_once_and_reject_the_impossible() {
+    let mut h = Harness::new();
+    h.run(Step::Msg(m("a", Channel::Sms, ADA_PHONE, 0.0)));
+    let conversation_id = h.conv("a");
+    let cmd = Command {
+        schema: CommandSchema::V1,
+        id: Uuid::now_v7(),
+        at: h.at(1.0),
+        kind: CommandKind::ConversationResolve { conversation_id },
+    };
+    for expected in [1, 0] {
+        let mut tx = h.store.begin().unwrap();
+        let events = h.router.apply(&mut *tx, &cmd).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(events.len(), expected);
+    }
+    let bad = Command {
+        id: Uuid::now_v7(),
+        kind: CommandKind::ConversationResolve {
+            conversation_id: Uuid::now_v7(),
+        },
+        ..cmd
+    };
+    let mut tx = h.store.begin().unwrap();
+    let err = h.router.apply(&mut *tx, &bad).unwrap_err();
+    assert!(err.to_string().starts_with("unknown conversation"), "{err}");
+}

@@ -1,0 +1,966 @@
+//! The SQLite history: one file in WAL mode, one writer, readers beside it.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use switchboard_core::{Channel, Direction, Identity, IdentityKind, ThreadRule};
+use uuid::Uuid;
+
+use crate::model::{
+    Conversation, ConversationStatus, Cursor, Customer, Erased, MessageRef, Millis, NewMessage,
+    StoredMessage, Timeline,
+};
+use crate::{OutboxRecord, Store, StoreError, Tx};
+
+/// Versioned migrations: entry `i` takes the schema from version `i` to
+/// `i + 1`. Never edit a released entry; append a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE customers (
+    id          TEXT PRIMARY KEY,
+    created_at  INTEGER NOT NULL,
+    merged_into TEXT,
+    erased_at   INTEGER
+);
+CREATE TABLE identities (
+    kind        TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    evidence    TEXT NOT NULL,
+    linked_at   INTEGER NOT NULL,
+    PRIMARY KEY (kind, value)
+) WITHOUT ROWID;
+CREATE INDEX identities_customer ON identities (customer_id);
+CREATE TABLE conversations (
+    id                   TEXT PRIMARY KEY,
+    customer_id          TEXT NOT NULL,
+    channel              TEXT NOT NULL,
+    account              TEXT NOT NULL,
+    status               TEXT NOT NULL,
+    opened_at            INTEGER NOT NULL,
+    last_message_at      INTEGER NOT NULL,
+    last_inbound_channel TEXT,
+    last_inbound_account TEXT,
+    resolved_at          INTEGER,
+    subject_key          TEXT
+);
+CREATE INDEX conversations_customer ON conversations (customer_id, last_message_at);
+CREATE TABLE messages (
+    seq                INTEGER PRIMARY KEY,
+    id                 TEXT NOT NULL UNIQUE,
+    idempotency_key    TEXT NOT NULL UNIQUE,
+    customer_id        TEXT NOT NULL,
+    conversation_id    TEXT NOT NULL,
+    direction          TEXT NOT NULL,
+    channel            TEXT NOT NULL,
+    account            TEXT NOT NULL,
+    from_kind          TEXT NOT NULL,
+    from_value         TEXT NOT NULL,
+    to_kind            TEXT NOT NULL,
+    to_value           TEXT NOT NULL,
+    received_at        INTEGER NOT NULL,
+    subject            TEXT,
+    text               TEXT NOT NULL,
+    header_id          TEXT,
+    provider_thread_id TEXT,
+    rule               TEXT NOT NULL,
+    status             TEXT,
+    envelope           TEXT NOT NULL
+);
+CREATE INDEX messages_conversation ON messages (conversation_id, received_at, seq);
+CREATE INDEX messages_customer ON messages (customer_id, seq);
+CREATE INDEX messages_header_id ON messages (customer_id, header_id) WHERE header_id IS NOT NULL;
+CREATE INDEX messages_provider_thread ON messages (customer_id, channel, provider_thread_id)
+    WHERE provider_thread_id IS NOT NULL;
+CREATE TABLE message_refs (
+    customer_id TEXT NOT NULL,
+    ref_id      TEXT NOT NULL,
+    message_seq INTEGER NOT NULL
+);
+CREATE INDEX message_refs_lookup ON message_refs (customer_id, ref_id);
+CREATE INDEX message_refs_message ON message_refs (message_seq);
+CREATE TABLE merges (
+    id         INTEGER PRIMARY KEY,
+    survivor   TEXT NOT NULL,
+    merged     TEXT NOT NULL,
+    evidence   TEXT NOT NULL,
+    identities TEXT NOT NULL,
+    at         INTEGER NOT NULL
+);
+CREATE TABLE identity_splits (
+    id           INTEGER PRIMARY KEY,
+    kind         TEXT NOT NULL,
+    value        TEXT NOT NULL,
+    from_customer TEXT NOT NULL,
+    to_customer  TEXT NOT NULL,
+    evidence     TEXT NOT NULL,
+    at           INTEGER NOT NULL
+);
+CREATE TABLE tombstones (
+    customer_id   TEXT PRIMARY KEY,
+    erased_at     INTEGER NOT NULL,
+    messages      INTEGER NOT NULL,
+    identities    INTEGER NOT NULL,
+    conversations INTEGER NOT NULL
+);
+CREATE TABLE applied_commands (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE outbox (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic   TEXT NOT NULL,
+    key     BLOB NOT NULL,
+    payload BLOB NOT NULL
+);
+"#];
+
+/// The SQLite store. Writes go through one connection, serialized by a lock;
+/// reads use another, so the API never waits for a routing batch (WAL).
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(ConstraintViolation | TypeMismatch | TooBig | ApiMisuse) => {
+            StoreError::Rejected(e.to_string())
+        }
+        Some(_) => StoreError::Unavailable(e.to_string()),
+        None => StoreError::Rejected(e.to_string()),
+    }
+}
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(unavailable)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(unavailable)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = OFF;
+         PRAGMA temp_store = MEMORY;
+         PRAGMA cache_size = -32768;",
+    )
+    .map_err(unavailable)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// The newest schema version this build knows.
+    pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+    /// Opens (creating if needed) the database at `path` and applies pending
+    /// migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let mut writer = open_conn(path)?;
+        migrate(&mut writer)?;
+        let reader = open_conn(path)?;
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.read()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(unavailable)
+    }
+
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(unavailable)?;
+    if version > SqliteStore::SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found: version,
+            supported: SqliteStore::SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(unavailable)?;
+        tx.execute_batch(sql).map_err(unavailable)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        tracing::info!(version = i + 1, "applied store migration");
+    }
+    Ok(())
+}
+
+fn uuid_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Uuid> {
+    let s: String = row.get(idx)?;
+    Uuid::parse_str(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn parse_col<T>(
+    row: &Row<'_>,
+    idx: usize,
+    parse: impl Fn(&str) -> Option<T>,
+) -> rusqlite::Result<T> {
+    let s: String = row.get(idx)?;
+    parse(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Text,
+            format!("unexpected value {s:?}").into(),
+        )
+    })
+}
+
+fn identity_cols(row: &Row<'_>, kind: usize, value: usize) -> rusqlite::Result<Identity> {
+    let kind = parse_col(row, kind, |s| s.parse::<IdentityKind>().ok())?;
+    Ok(Identity {
+        kind,
+        value: row.get(value)?,
+    })
+}
+
+const CONVERSATION_COLS: &str = "id, customer_id, channel, account, status, opened_at, \
+    last_message_at, last_inbound_channel, last_inbound_account, resolved_at, subject_key";
+
+fn conversation_row(row: &Row<'_>) -> rusqlite::Result<Conversation> {
+    let last_inbound: Option<String> = row.get(7)?;
+    Ok(Conversation {
+        id: uuid_col(row, 0)?,
+        customer_id: uuid_col(row, 1)?,
+        channel: parse_col(row, 2, |s| s.parse().ok())?,
+        account: row.get(3)?,
+        status: ConversationStatus::parse(&row.get::<_, String>(4)?),
+        opened_at: row.get(5)?,
+        last_message_at: row.get(6)?,
+        last_inbound_channel: last_inbound.and_then(|s| s.parse().ok()),
+        last_inbound_account: row.get(8)?,
+        resolved_at: row.get(9)?,
+        subject_key: row.get(10)?,
+    })
+}
+
+const MESSAGE_COLS: &str = "id, seq, idempotency_key, customer_id, conversation_id, direction, \
+    channel, account, from_kind, from_value, to_kind, to_value, received_at, subject, text, rule, \
+    status, header_id";
+
+fn message_row(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        id: uuid_col(row, 0)?,
+        seq: row.get(1)?,
+        idempotency_key: row.get(2)?,
+        customer_id: uuid_col(row, 3)?,
+        conversation_id: uuid_col(row, 4)?,
+        direction: parse_col(row, 5, |s| match s {
+            "inbound" => Some(Direction::Inbound),
+            "outbound" => Some(Direction::Outbound),
+            _ => None,
+        })?,
+        channel: parse_col(row, 6, |s| s.parse::<Channel>().ok())?,
+        account: row.get(7)?,
+        from: identity_cols(row, 8, 9)?,
+        to: identity_cols(row, 10, 11)?,
+        received_at: row.get(12)?,
+        subject: row.get(13)?,
+        text: row.get(14)?,
+        rule: parse_col(row, 15, ThreadRule::parse)?,
+        status: row.get(16)?,
+        message_id: row.get(17)?,
+    })
+}
+
+fn load_customer(conn: &Connection, id: Uuid) -> rusqlite::Result<Option<Customer>> {
+    let Some(id) = follow_merges(conn, id)? else {
+        return Ok(None);
+    };
+    let Some((created_at, erased_at)) = conn
+        .prepare_cached("SELECT created_at, erased_at FROM customers WHERE id = ?1")?
+        .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let identities = conn
+        .prepare_cached(
+            "SELECT kind, value FROM identities WHERE customer_id = ?1 ORDER BY kind, value",
+        )?
+        .query_map([id.to_string()], |r| identity_cols(r, 0, 1))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let merged_from = conn
+        .prepare_cached("SELECT merged FROM merges WHERE survivor = ?1 ORDER BY id")?
+        .query_map([id.to_string()], |r| uuid_col(r, 0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(Customer {
+        id,
+        created_at,
+        identities,
+        merged_from,
+        erased_at,
+    }))
+}
+
+fn follow_merges(conn: &Connection, mut id: Uuid) -> rusqlite::Result<Option<Uuid>> {
+    let mut stmt = conn.prepare_cached("SELECT merged_into FROM customers WHERE id = ?1")?;
+    // A merge chain is short; the bound guards against a cycle in bad data.
+    for _ in 0..64 {
+        let next: Option<Option<String>> =
+            stmt.query_row([id.to_string()], |r| r.get(0)).optional()?;
+        match next {
+            None => return Ok(None),
+            Some(None) => return Ok(Some(id)),
+            Some(Some(s)) => {
+                id = Uuid::parse_str(&s).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(Some(id))
+}
+
+impl Store for SqliteStore {
+    fn begin(&self) -> Result<Box<dyn Tx + '_>, StoreError> {
+        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
+        Ok(Box::new(SqliteTx {
+            conn,
+            open: true,
+            savepoints: 0,
+        }))
+    }
+
+    fn customer(&self, id: Uuid) -> Result<Option<Customer>, StoreError> {
+        load_customer(&self.read(), id).map_err(unavailable)
+    }
+
+    fn customer_by_identity(&self, identity: &Identity) -> Result<Option<Customer>, StoreError> {
+        let conn = self.read();
+        let owner: Option<Uuid> = conn
+            .prepare_cached("SELECT customer_id FROM identities WHERE kind = ?1 AND value = ?2")
+            .and_then(|mut s| {
+                s.query_row(params![identity.kind.as_str(), identity.value], |r| {
+                    uuid_col(r, 0)
+                })
+                .optional()
+            })
+            .map_err(unavailable)?;
+        match owner {
+            Some(id) => load_customer(&conn, id).map_err(unavailable),
+            None => Ok(None),
+        }
+    }
+
+    fn timeline(
+        &self,
+        customer: Uuid,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Option<Timeline>, StoreError> {
+        let conn = self.read();
+        let run = || -> rusqlite::Result<Option<Timeline>> {
+            let Some(customer_id) = follow_merges(&conn, customer)? else {
+                return Ok(None);
+            };
+            let cid = customer_id.to_string();
+            let conversations = conn
+                .prepare_cached(&format!(
+                    "SELECT {CONVERSATION_COLS} FROM conversations WHERE customer_id = ?1 \
+                     ORDER BY last_message_at DESC, id"
+                ))?
+                .query_map([&cid], conversation_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            // Keyset pagination on (message time, arrival): pages never skip
+            // or repeat, and each costs the same however deep it is.
+            let (after_at, after_seq) =
+                after.map_or((i64::MIN, i64::MIN), |c| (c.received_at, c.seq));
+            let mut messages = conn
+                .prepare_cached(&format!(
+                    "SELECT {MESSAGE_COLS} FROM messages WHERE customer_id = ?1 \
+                     AND (received_at, seq) > (?2, ?3) ORDER BY received_at, seq LIMIT ?4"
+                ))?
+                .query_map(
+                    params![cid, after_at, after_seq, limit as i64 + 1],
+                    message_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let next_cursor = if messages.len() > limit {
+                messages.truncate(limit);
+                messages.last().map(|m| Cursor {
+                    received_at: m.received_at,
+                    seq: m.seq,
+                })
+            } else {
+                None
+            };
+            Ok(Some(Timeline {
+                customer_id,
+                conversations,
+                messages,
+                next_cursor,
+            }))
+        };
+        run().map_err(unavailable)
+    }
+
+    fn conversation(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(Conversation, Vec<StoredMessage>)>, StoreError> {
+        let conn = self.read();
+        let run = || -> rusqlite::Result<Option<(Conversation, Vec<StoredMessage>)>> {
+            let Some(conv) = conn
+                .prepare_cached(&format!(
+                    "SELECT {CONVERSATION_COLS} FROM conversations WHERE id = ?1"
+                ))?
+                .query_row([id.to_string()], conversation_row)
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let messages = conn
+                .prepare_cached(&format!(
+                    "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = ?1 \
+                     ORDER BY received_at, seq"
+                ))?
+                .query_map([id.to_string()], message_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some((conv, messages)))
+        };
+        run().map_err(unavailable)
+    }
+
+    fn outbox(&self, limit: usize) -> Result<Vec<OutboxRecord>, StoreError> {
+        let conn = self.read();
+        conn.prepare_cached("SELECT seq, topic, key, payload FROM outbox ORDER BY seq LIMIT ?1")
+            .and_then(|mut s| {
+                s.query_map([limit as i64], |r| {
+                    Ok(OutboxRecord {
+                        seq: r.get(0)?,
+                        topic: r.get(1)?,
+                        key: r.get(2)?,
+                        payload: r.get(3)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(unavailable)
+    }
+
+    fn outbox_done(&self, seq: i64) -> Result<(), StoreError> {
+        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")
+            .and_then(|mut s| s.execute([seq]))
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.read()
+            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .map(drop)
+            .map_err(unavailable)
+    }
+}
+
+struct SqliteTx<'a> {
+    conn: MutexGuard<'a, Connection>,
+    open: bool,
+    savepoints: usize,
+}
+
+impl Drop for SqliteTx<'_> {
+    fn drop(&mut self) {
+        if self.open
+            && let Err(error) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::warn!(%error, "rollback failed");
+        }
+    }
+}
+
+impl SqliteTx<'_> {
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize, StoreError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .map_err(unavailable)
+    }
+
+    fn conversation_of_seq_query(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.query_row(params, |r| uuid_col(r, 0)).optional())
+            .map_err(unavailable)
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    fn message_by_key(&mut self, key: &str) -> Result<Option<MessageRef>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, conversation_id, customer_id FROM messages WHERE idempotency_key = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([key], |r| {
+                    Ok(MessageRef {
+                        id: uuid_col(r, 0)?,
+                        conversation_id: uuid_col(r, 1)?,
+                        customer_id: uuid_col(r, 2)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(unavailable)
+    }
+
+    fn owner_of(&mut self, identity: &Identity) -> Result<Option<Uuid>, StoreError> {
+        self.conversation_of_seq_query(
+            "SELECT customer_id FROM identities WHERE kind = ?1 AND value = ?2",
+            params![identity.kind.as_str(), identity.value],
+        )
+    }
+
+    fn resolve_customer(&mut self, id: Uuid) -> Result<Option<Uuid>, StoreError> {
+        follow_merges(&self.conn, id).map_err(unavailable)
+    }
+
+    fn is_erased(&mut self, id: Uuid) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached("SELECT erased_at IS NOT NULL FROM customers WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id.to_string()], |r| r.get(0)).optional())
+            .map(|v| v.unwrap_or(false))
+            .map_err(unavailable)
+    }
+
+    fn create_customer(&mut self, id: Uuid, at: Millis) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO customers (id, created_at) VALUES (?1, ?2)",
+            params![id.to_string(), at],
+        )
+        .map(drop)
+    }
+
+    fn attach_identity(
+        &mut self,
+        identity: &Identity,
+        customer: Uuid,
+        evidence: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO identities (kind, value, customer_id, evidence, linked_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (kind, value) DO UPDATE SET customer_id = excluded.customer_id, \
+             evidence = excluded.evidence, linked_at = excluded.linked_at",
+            params![
+                identity.kind.as_str(),
+                identity.value,
+                customer.to_string(),
+                evidence,
+                at
+            ],
+        )
+        .map(drop)
+    }
+
+    fn identities_of(&mut self, customer: Uuid) -> Result<Vec<Identity>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT kind, value FROM identities WHERE customer_id = ?1 ORDER BY kind, value",
+            )
+            .and_then(|mut s| {
+                s.query_map([customer.to_string()], |r| identity_cols(r, 0, 1))?
+                    .collect()
+            })
+            .map_err(unavailable)
+    }
+
+    fn conversation(&mut self, id: Uuid) -> Result<Option<Conversation>, StoreError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {CONVERSATION_COLS} FROM conversations WHERE id = ?1"
+            ))
+            .and_then(|mut s| s.query_row([id.to_string()], conversation_row).optional())
+            .map_err(unavailable)
+    }
+
+    fn conversation_by_message_id(
+        &mut self,
+        customer: Uuid,
+        message_id: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.conversation_of_seq_query(
+            "SELECT conversation_id FROM messages WHERE customer_id = ?1 AND header_id = ?2 \
+             ORDER BY seq DESC LIMIT 1",
+            params![customer.to_string(), message_id],
+        )
+    }
+
+    fn conversation_referencing(
+        &mut self,
+        customer: Uuid,
+        message_id: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.conversation_of_seq_query(
+            "SELECT m.conversation_id FROM message_refs r JOIN messages m ON m.seq = r.message_seq \
+             WHERE r.customer_id = ?1 AND r.ref_id = ?2 ORDER BY m.seq LIMIT 1",
+            params![customer.to_string(), message_id],
+        )
+    }
+
+    fn conversation_by_provider_thread(
+        &mut self,
+        customer: Uuid,
+        channel: Channel,
+        thread_id: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.conversation_of_seq_query(
+            "SELECT conversation_id FROM messages WHERE customer_id = ?1 AND channel = ?2 \
+             AND provider_thread_id = ?3 ORDER BY seq DESC LIMIT 1",
+            params![customer.to_string(), channel.as_str(), thread_id],
+        )
+    }
+
+    fn latest_conversation(
+        &mut self,
+        customer: Uuid,
+        channel_account: Option<(Channel, &str)>,
+        subject_key: Option<&str>,
+    ) -> Result<Option<Conversation>, StoreError> {
+        let cid = customer.to_string();
+        let res = match (channel_account, subject_key) {
+            (None, _) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {CONVERSATION_COLS} FROM conversations WHERE customer_id = ?1 \
+                     ORDER BY last_message_at DESC LIMIT 1"
+                ))
+                .and_then(|mut s| s.query_row([cid], conversation_row).optional()),
+            (Some((channel, account)), None) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {CONVERSATION_COLS} FROM conversations WHERE customer_id = ?1 \
+                     AND channel = ?2 AND account = ?3 ORDER BY last_message_at DESC LIMIT 1"
+                ))
+                .and_then(|mut s| {
+                    s.query_row(params![cid, channel.as_str(), account], conversation_row)
+                        .optional()
+                }),
+            (Some((channel, account)), Some(subject)) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {CONVERSATION_COLS} FROM conversations WHERE customer_id = ?1 \
+                     AND channel = ?2 AND account = ?3 AND subject_key = ?4 \
+                     ORDER BY last_message_at DESC LIMIT 1"
+                ))
+                .and_then(|mut s| {
+                    s.query_row(
+                        params![cid, channel.as_str(), account, subject],
+                        conversation_row,
+                    )
+                    .optional()
+                }),
+        };
+        res.map_err(unavailable)
+    }
+
+    fn insert_conversation(&mut self, c: &Conversation) -> Result<(), StoreError> {
+        self.exec(
+            &format!("INSERT INTO conversations ({CONVERSATION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+            params![
+                c.id.to_string(),
+                c.customer_id.to_string(),
+                c.channel.as_str(),
+                c.account,
+                c.status.as_str(),
+                c.opened_at,
+                c.last_message_at,
+                c.last_inbound_channel.map(Channel::as_str),
+                c.last_inbound_account,
+                c.resolved_at,
+                c.subject_key,
+            ],
+        )
+        .map(drop)
+    }
+
+    fn update_conversation(&mut self, c: &Conversation) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE conversations SET status = ?2, opened_at = ?3, last_message_at = ?4, \
+             last_inbound_channel = ?5, last_inbound_account = ?6, resolved_at = ?7, \
+             customer_id = ?8 WHERE id = ?1",
+            params![
+                c.id.to_string(),
+                c.status.as_str(),
+                c.opened_at,
+                c.last_message_at,
+                c.last_inbound_channel.map(Channel::as_str),
+                c.last_inbound_account,
+                c.resolved_at,
+                c.customer_id.to_string(),
+            ],
+        )
+        .map(drop)
+    }
+
+    fn insert_message(&mut self, m: &NewMessage<'_>) -> Result<i64, StoreError> {
+        let e = m.envelope;
+        let envelope = serde_json::to_string(e).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        let cid = m.customer_id.to_string();
+        self.exec(
+            "INSERT INTO messages (id, idempotency_key, customer_id, conversation_id, direction, \
+             channel, account, from_kind, from_value, to_kind, to_value, received_at, subject, \
+             text, header_id, provider_thread_id, rule, status, envelope) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+            params![
+                e.id.to_string(),
+                e.idempotency_key,
+                cid,
+                m.conversation_id.to_string(),
+                e.direction.as_str(),
+                e.channel.as_str(),
+                e.account,
+                e.from.kind.as_str(),
+                e.from.value,
+                e.to.kind.as_str(),
+                e.to.value,
+                e.received_at.timestamp_millis(),
+                e.subject,
+                e.text,
+                e.thread_hints.message_id,
+                e.thread_hints.provider_thread_id,
+                m.rule.as_str(),
+                m.status,
+                envelope,
+            ],
+        )?;
+        let seq = self.conn.last_insert_rowid();
+        let hints = &e.thread_hints;
+        for r in hints.in_reply_to.iter().chain(&hints.references) {
+            self.exec(
+                "INSERT INTO message_refs (customer_id, ref_id, message_seq) VALUES (?1, ?2, ?3)",
+                params![cid, r, seq],
+            )?;
+        }
+        Ok(seq)
+    }
+
+    fn set_message_status(&mut self, id: Uuid, status: &str) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE messages SET status = ?2 WHERE id = ?1",
+            params![id.to_string(), status],
+        )
+        .map(drop)
+    }
+
+    fn merge_customers(
+        &mut self,
+        survivor: Uuid,
+        merged: Uuid,
+        evidence: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let (s, m) = (survivor.to_string(), merged.to_string());
+        let moved = self.identities_of(merged)?;
+        let moved =
+            serde_json::to_string(&moved).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        self.exec(
+            "INSERT INTO merges (survivor, merged, evidence, identities, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![s, m, evidence, moved, at],
+        )?;
+        self.exec(
+            "UPDATE identities SET customer_id = ?1 WHERE customer_id = ?2",
+            params![s, m],
+        )?;
+        self.exec(
+            "UPDATE conversations SET customer_id = ?1 WHERE customer_id = ?2",
+            params![s, m],
+        )?;
+        self.exec(
+            "UPDATE messages SET customer_id = ?1 WHERE customer_id = ?2",
+            params![s, m],
+        )?;
+        self.exec(
+            "UPDATE message_refs SET customer_id = ?1 WHERE customer_id = ?2",
+            params![s, m],
+        )?;
+        self.exec(
+            "UPDATE customers SET merged_into = ?1 WHERE merged_into = ?2",
+            params![s, m],
+        )?;
+        self.exec(
+            "UPDATE customers SET merged_into = ?1 WHERE id = ?2",
+            params![s, m],
+        )
+        .map(drop)
+    }
+
+    fn split_identity(
+        &mut self,
+        identity: &Identity,
+        new_customer: Uuid,
+        evidence: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let Some(old) = self.owner_of(identity)? else {
+            return Ok(());
+        };
+        let (old_s, new_s) = (old.to_string(), new_customer.to_string());
+        let (kind, value) = (identity.kind.as_str(), identity.value.as_str());
+        self.exec(
+            "INSERT INTO identity_splits (kind, value, from_customer, to_customer, evidence, at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![kind, value, old_s, new_s, evidence, at],
+        )?;
+        self.attach_identity(identity, new_customer, evidence, at)?;
+        // A conversation moves when every customer-side message in it is this
+        // identity's: those are the ones the merge brought.
+        let side = "CASE m.direction WHEN 'inbound' THEN m.from_kind || ':' || m.from_value \
+                    ELSE m.to_kind || ':' || m.to_value END";
+        let key = identity.key();
+        let moving: Vec<String> = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT c.id FROM conversations c WHERE c.customer_id = ?1 \
+                 AND EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id) \
+                 AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id \
+                                 AND {side} <> ?2)"
+            ))
+            .and_then(|mut s| s.query_map(params![old_s, key], |r| r.get(0))?.collect())
+            .map_err(unavailable)?;
+        for conv in moving {
+            self.exec(
+                "UPDATE conversations SET customer_id = ?1 WHERE id = ?2",
+                params![new_s, conv],
+            )?;
+            self.exec(
+                "UPDATE message_refs SET customer_id = ?1 WHERE message_seq IN \
+                 (SELECT seq FROM messages WHERE conversation_id = ?2)",
+                params![new_s, conv],
+            )?;
+            self.exec(
+                "UPDATE messages SET customer_id = ?1 WHERE conversation_id = ?2",
+                params![new_s, conv],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn erase_customer(&mut self, id: Uuid, at: Millis) -> Result<Erased, StoreError> {
+        let ids: Vec<String> = self
+            .conn
+            .prepare_cached(
+                "WITH RECURSIVE family(id) AS (SELECT ?1 UNION \
+                 SELECT c.id FROM customers c JOIN family f ON c.merged_into = f.id) \
+                 SELECT id FROM family",
+            )
+            .and_then(|mut s| s.query_map([id.to_string()], |r| r.get(0))?.collect())
+            .map_err(unavailable)?;
+        let mut erased = Erased {
+            messages: 0,
+            identities: 0,
+            conversations: 0,
+        };
+        for cid in &ids {
+            self.exec("DELETE FROM message_refs WHERE customer_id = ?1", [cid])?;
+            erased.messages +=
+                self.exec("DELETE FROM messages WHERE customer_id = ?1", [cid])? as u64;
+            erased.conversations +=
+                self.exec("DELETE FROM conversations WHERE customer_id = ?1", [cid])? as u64;
+            erased.identities +=
+                self.exec("DELETE FROM identities WHERE customer_id = ?1", [cid])? as u64;
+            // Merge records name identities; they are personal data too.
+            self.exec(
+                "UPDATE merges SET identities = '[]', evidence = 'erased' WHERE survivor = ?1 OR merged = ?1",
+                [cid],
+            )?;
+            self.exec(
+                "DELETE FROM identity_splits WHERE from_customer = ?1 OR to_customer = ?1",
+                [cid],
+            )?;
+            self.exec(
+                "UPDATE customers SET erased_at = ?2 WHERE id = ?1",
+                params![cid, at],
+            )?;
+        }
+        self.exec(
+            "INSERT INTO tombstones (customer_id, erased_at, messages, identities, conversations) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (customer_id) DO UPDATE SET erased_at = excluded.erased_at",
+            params![
+                id.to_string(),
+                at,
+                erased.messages as i64,
+                erased.identities as i64,
+                erased.conversations as i64
+            ],
+        )?;
+        Ok(erased)
+    }
+
+    fn first_application(&mut self, command_id: Uuid, at: Millis) -> Result<bool, StoreError> {
+        self.exec(
+            "INSERT INTO applied_commands (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+            params![command_id.to_string(), at],
+        )
+        .map(|n| n == 1)
+    }
+
+    fn push_outbox(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO outbox (topic, key, payload) VALUES (?1, ?2, ?3)",
+            params![topic, key, payload],
+        )
+        .map(drop)
+    }
+
+    fn savepoint(&mut self) -> Result<(), StoreError> {
+        self.savepoints += 1;
+        self.conn
+            .execute_batch(&format!("SAVEPOINT sp{}", self.savepoints))
+            .map_err(unavailable)
+    }
+
+    fn release_savepoint(&mut self) -> Result<(), StoreError> {
+        let n = self.savepoints;
+        self.savepoints = n.saturating_sub(1);
+        self.conn
+            .execute_batch(&format!("RELEASE sp{n}"))
+            .map_err(unavailable)
+    }
+
+    fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
+        let n = self.savepoints;
+        self.savepoints = n.saturating_sub(1);
+        self.conn
+            .execute_batch(&format!("ROLLBACK TO sp{n}; RELEASE sp{n}"))
+            .map_err(unavailable)
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT").map_err(unavailable)?;
+        self.open = false;
+        Ok(())
+    }
+}
