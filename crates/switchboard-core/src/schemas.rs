@@ -21,8 +21,26 @@ pub struct SchemaDoc {
     pub example: Value,
 }
 
+/// Fields whose default is made at decode time (a fresh UUIDv7, the current
+/// time): schemars would print the value it happened to make, so the schema
+/// states the rule instead.
+const GENERATED_DEFAULTS: [&str; 3] = ["id", "at", "received_at"];
+
 fn schema<T: JsonSchema>() -> Value {
-    serde_json::to_value(schema_for!(T)).expect("a schema serializes")
+    let mut value = serde_json::to_value(schema_for!(T)).expect("a schema serializes");
+    if let Some(props) = value.get_mut("properties").and_then(Value::as_object_mut) {
+        for name in GENERATED_DEFAULTS {
+            if let Some(Value::Object(prop)) = props.get_mut(name)
+                && prop.remove("default").is_some()
+            {
+                prop.insert(
+                    "$comment".into(),
+                    json!("filled in by switchboard when absent"),
+                );
+            }
+        }
+    }
+    value
 }
 
 /// Every record type with its schema and example.

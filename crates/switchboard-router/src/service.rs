@@ -377,7 +377,7 @@ fn route_batch(
     for record in records {
         let decoded: Result<Decoded, String> = match kind {
             Kind::Inbound => decode_envelope(&record.payload)
-                .map(Decoded::Envelope)
+                .map(|e| Decoded::Envelope(Box::new(e)))
                 .map_err(|e| e.to_string()),
             Kind::Commands => decode_command(&record.payload)
                 .map(Decoded::Command)
@@ -419,7 +419,7 @@ fn route_batch(
 }
 
 enum Decoded {
-    Envelope(Envelope),
+    Envelope(Box<Envelope>),
     Command(Command),
 }
 

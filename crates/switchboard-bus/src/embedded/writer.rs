@@ -1,0 +1,270 @@
+//! The writer thread: owns the only write connection and group-commits
+//! everything queued in one transaction.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use switchboard_core::bus::{BusError, Position};
+use tokio::sync::oneshot;
+
+use super::{Topic, load_ends};
+
+/// A record on its way to the writer, its partition already chosen.
+pub(super) struct Pending {
+    pub(super) topic: usize,
+    pub(super) partition: u32,
+    pub(super) key: Vec<u8>,
+    pub(super) payload: Vec<u8>,
+}
+
+/// What the writer is asked to do.
+pub(super) enum Request {
+    /// Append records, in order, atomically.
+    Publish {
+        records: Vec<Pending>,
+        reply: oneshot::Sender<Result<Vec<Position>, BusError>>,
+    },
+    /// Store a group's next offsets.
+    Commit {
+        group: String,
+        topic: usize,
+        offsets: Vec<(u32, u64)>,
+        reply: oneshot::Sender<Result<(), BusError>>,
+    },
+    /// Answer if alive and the database answers.
+    Ping {
+        reply: oneshot::Sender<Result<(), BusError>>,
+    },
+    /// Write everything still queued, close the connection and stop.
+    Shutdown { reply: Option<oneshot::Sender<()>> },
+}
+
+/// What one request in a batch came to: the positions of a publish (empty
+/// for other requests) or why it was refused.
+type Outcome = Result<Vec<Position>, BusError>;
+
+pub(super) struct Writer {
+    pub(super) conn: Connection,
+    pub(super) topics: Vec<Arc<Topic>>,
+    /// Next offset per topic (by index) and partition; mirrors what is
+    /// committed in the database.
+    pub(super) next: Vec<Vec<u64>>,
+    pub(super) max_batch: usize,
+}
+
+const INSERT_RECORD: &str = r#"INSERT INTO records (topic, "partition", "offset", key, payload, ts)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#;
+
+const UPSERT_OFFSET: &str = r#"INSERT INTO offsets (grp, topic, "partition", next_offset)
+    VALUES (?1, ?2, ?3, ?4)
+    ON CONFLICT (grp, topic, "partition") DO UPDATE SET next_offset = excluded.next_offset"#;
+
+impl Writer {
+    /// Serves requests until shut down (or every sender is gone), then closes
+    /// the connection and answers the shutdown requests.
+    pub(super) fn run(mut self, requests: mpsc::Receiver<Request>) {
+        let mut stopping = false;
+        let mut shutdown_replies = Vec::new();
+        loop {
+            let mut batch = Vec::new();
+            let mut records = 0usize;
+            if !stopping {
+                match requests.recv() {
+                    Ok(req) => admit(
+                        req,
+                        &mut batch,
+                        &mut records,
+                        &mut stopping,
+                        &mut shutdown_replies,
+                    ),
+                    Err(mpsc::RecvError) => break,
+                }
+            }
+            while records < self.max_batch {
+                match requests.try_recv() {
+                    Ok(req) => admit(
+                        req,
+                        &mut batch,
+                        &mut records,
+                        &mut stopping,
+                        &mut shutdown_replies,
+                    ),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() {
+                if stopping {
+                    break;
+                }
+                continue;
+            }
+            self.process(batch);
+        }
+        drop(self);
+        tracing::debug!("bus writer stopped");
+        for reply in shutdown_replies {
+            if reply.send(()).is_err() {
+                tracing::trace!("close waiter went away");
+            }
+        }
+    }
+
+    /// Writes one batch in one transaction and answers every request in it.
+    fn process(&mut self, batch: Vec<Request>) {
+        let outcome = self.apply(&batch);
+        let results = match outcome {
+            Ok((results, next)) => {
+                self.publish_ends(next);
+                results
+            }
+            Err(e) => {
+                let requests = batch.len();
+                tracing::error!(error = %e, requests, "bus write failed; batch rolled back");
+                // A failed COMMIT may or may not have reached the disk: trust
+                // the database, not memory, for the next offsets.
+                match load_ends(&self.conn, &self.topics) {
+                    Ok(next) => self.publish_ends(next),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reloading bus end offsets failed");
+                    }
+                }
+                let msg = format!("write batch: {e}");
+                batch
+                    .iter()
+                    .map(|_| Err(BusError::Io(msg.clone())))
+                    .collect()
+            }
+        };
+        for (req, result) in batch.into_iter().zip(results) {
+            let delivered = match req {
+                Request::Publish { reply, .. } => reply.send(result).is_ok(),
+                Request::Commit { reply, .. } | Request::Ping { reply } => {
+                    reply.send(result.map(|_| ())).is_ok()
+                }
+                Request::Shutdown { .. } => true,
+            };
+            if !delivered {
+                tracing::trace!("bus caller went away before its reply");
+            }
+        }
+    }
+
+    /// Runs the batch inside `BEGIN IMMEDIATE … COMMIT`. Returns one result
+    /// per request and the next offsets after the commit; memory is untouched
+    /// unless the transaction committed.
+    fn apply(&mut self, batch: &[Request]) -> rusqlite::Result<(Vec<Outcome>, Vec<Vec<u64>>)> {
+        let ts = now_ms();
+        let mut next = self.next.clone();
+        let mut results = Vec::with_capacity(batch.len());
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for req in batch {
+            match req {
+                Request::Publish { records, .. } => {
+                    let mut insert = tx.prepare_cached(INSERT_RECORD)?;
+                    let mut positions = Vec::with_capacity(records.len());
+                    for r in records {
+                        let topic = &self.topics[r.topic];
+                        let slot = &mut next[r.topic][r.partition as usize];
+                        insert.execute(params![
+                            topic.name,
+                            r.partition,
+                            *slot,
+                            r.key,
+                            r.payload,
+                            ts
+                        ])?;
+                        positions.push(Position {
+                            partition: r.partition,
+                            offset: *slot,
+                        });
+                        *slot += 1;
+                    }
+                    results.push(Ok(positions));
+                }
+                Request::Commit {
+                    group,
+                    topic,
+                    offsets,
+                    ..
+                } => {
+                    let t = &self.topics[*topic];
+                    let ends = &next[*topic];
+                    let past_end = offsets
+                        .iter()
+                        .find(|(p, o)| ends.get(*p as usize).is_none_or(|end| *o > *end));
+                    if let Some((p, o)) = past_end {
+                        let end = ends.get(*p as usize).copied().unwrap_or(0);
+                        results.push(Err(BusError::Config(format!(
+                            "cannot commit offset {o} on {}/{p}: the partition ends at {end}",
+                            t.name
+                        ))));
+                        continue;
+                    }
+                    let mut upsert = tx.prepare_cached(UPSERT_OFFSET)?;
+                    for (p, o) in offsets {
+                        upsert.execute(params![group, t.name, p, o])?;
+                    }
+                    results.push(Ok(Vec::new()));
+                }
+                Request::Ping { .. } => {
+                    tx.query_row("SELECT count(*) FROM topics", [], |row| {
+                        row.get::<_, i64>(0)
+                    })?;
+                    results.push(Ok(Vec::new()));
+                }
+                Request::Shutdown { .. } => results.push(Ok(Vec::new())),
+            }
+        }
+        tx.commit()?;
+        Ok((results, next))
+    }
+
+    /// Makes new end offsets visible to readers and wakes the consumers of
+    /// every topic that grew.
+    fn publish_ends(&mut self, next: Vec<Vec<u64>>) {
+        for (topic, (old, new)) in self.topics.iter().zip(self.next.iter().zip(&next)) {
+            if old == new {
+                continue;
+            }
+            for (end, value) in topic.ends.iter().zip(new) {
+                end.store(*value, Ordering::Release);
+            }
+            topic.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        self.next = next;
+    }
+}
+
+fn admit(
+    req: Request,
+    batch: &mut Vec<Request>,
+    records: &mut usize,
+    stopping: &mut bool,
+    shutdown_replies: &mut Vec<oneshot::Sender<()>>,
+) {
+    match req {
+        Request::Shutdown { reply } => {
+            *stopping = true;
+            shutdown_replies.extend(reply);
+        }
+        Request::Publish { records: ref r, .. } => {
+            *records += r.len();
+            batch.push(req);
+        }
+        other => {
+            *records += 1;
+            batch.push(other);
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

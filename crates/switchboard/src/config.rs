@@ -1,0 +1,578 @@
+//! Configuration: raw (as written) and checked (as used).
+//!
+//! Layers, later winning: the built-in defaults (`config/switchboard.toml`,
+//! embedded), the `--config` file, `SWITCHBOARD__SECTION__KEY` environment
+//! variables, then command-line flags. [`RawConfig::validate`] is pure: it
+//! turns the raw values into a [`Config`] or into the list of every problem.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use switchboard_core::Channel;
+use switchboard_router::{ChannelPolicy, Policy};
+
+/// The built-in defaults: the documented file itself.
+pub const DEFAULT_TOML: &str = include_str!("../../../config/switchboard.toml");
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The files or environment could not be read or parsed.
+    #[error("{0}")]
+    Load(String),
+    /// The values are wrong; every problem is listed.
+    #[error("{} configuration problem(s):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The configuration as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Layout version.
+    pub version: u32,
+    /// Data directory.
+    pub data_dir: String,
+    /// HTTP listener.
+    pub http: RawHttp,
+    /// Bus backend.
+    pub bus: RawBus,
+    /// History store.
+    pub store: RawStore,
+    /// Router.
+    pub router: RawRouter,
+    /// Threading windows per channel (`default` and channel names).
+    pub threading: BTreeMap<String, RawThreading>,
+    /// Logging.
+    pub log: RawLog,
+    /// Shutdown.
+    pub shutdown: RawShutdown,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// Listen address.
+    pub listen: String,
+    /// Largest body.
+    pub max_body_bytes: u64,
+    /// Bearer tokens.
+    pub tokens: Vec<String>,
+    /// File of tokens.
+    pub tokens_file: String,
+}
+
+/// `[bus]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBus {
+    /// Backend name.
+    pub backend: String,
+    /// Topic prefix.
+    pub topic_prefix: String,
+    /// Partitions per topic.
+    pub partitions: u32,
+    /// Group-commit size.
+    pub max_batch: usize,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// Backend name.
+    pub backend: String,
+    /// SQLite file.
+    pub sqlite_path: String,
+}
+
+/// `[router]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouter {
+    /// Records per transaction.
+    pub batch: usize,
+}
+
+/// `[threading.*]`; absent keys fall back to `[threading.default]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawThreading {
+    /// Rule 3 window.
+    pub inactivity: Option<String>,
+    /// Rule 4 window or "off".
+    pub continuation: Option<String>,
+    /// Rule 5 window.
+    pub reopen: Option<String>,
+    /// Subject matching under rule 3.
+    pub match_subject: Option<bool>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// "text" or "json".
+    pub format: String,
+    /// Filter.
+    pub level: String,
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    /// Drain deadline.
+    pub drain_timeout: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Largest body.
+    pub max_body_bytes: usize,
+    /// Bearer tokens (from the list and the file).
+    pub tokens: Vec<String>,
+    /// Topic prefix.
+    pub topic_prefix: String,
+    /// Partitions per topic.
+    pub partitions: u32,
+    /// Group-commit size.
+    pub bus_max_batch: usize,
+    /// SQLite history path.
+    pub sqlite_path: PathBuf,
+    /// Records per routing transaction.
+    pub router_batch: usize,
+    /// Threading policy.
+    pub policy: Policy,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+    /// Drain deadline.
+    pub drain_timeout: Duration,
+}
+
+/// Overrides from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<String>,
+}
+
+/// Loads the layers. `env` is the process environment (passed in, so tests
+/// never touch the real one).
+pub fn load(
+    file: Option<&Path>,
+    env: &HashMap<String, String>,
+    overrides: &Overrides,
+) -> Result<RawConfig, ConfigError> {
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        DEFAULT_TOML,
+        config::FileFormat::Toml,
+    ));
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigError::Load(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
+        }
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    let env: HashMap<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("SWITCHBOARD__"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("SWITCHBOARD")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("http.tokens")
+            .try_parsing(true)
+            .source(Some(env)),
+    );
+    if let Some(listen) = &overrides.listen {
+        builder = builder
+            .set_override("http.listen", listen.as_str())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+    }
+    if let Some(dir) = &overrides.data_dir {
+        builder = builder
+            .set_override("data_dir", dir.as_str())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+    }
+    let merged = builder
+        .build()
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    merged
+        .try_deserialize::<RawConfig>()
+        .map_err(|e| ConfigError::Load(e.to_string()))
+}
+
+/// Parses "30s", "15m", "24h", "7d", "250ms".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit (ms, s, m, h, d)"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} does not start with a number"))?;
+    let secs = match unit.trim() {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        other => return Err(format!("{s:?} has unknown unit {other:?} (ms, s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+impl RawConfig {
+    /// Checks every value, collecting every problem. Reads nothing but the
+    /// tokens file.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, msg: String| problems.push(format!("{key}: {msg}"));
+
+        if self.version != 1 {
+            problem(
+                "version",
+                format!("{} is not a layout this build reads (1)", self.version),
+            );
+        }
+        if self.data_dir.trim().is_empty() {
+            problem("data_dir", "must not be empty".into());
+        }
+        let data_dir = PathBuf::from(&self.data_dir);
+        let listen = self
+            .http
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| {
+                problem(
+                    "http.listen",
+                    format!("{:?} is not an address: {e}", self.http.listen),
+                )
+            })
+            .ok();
+        if self.http.max_body_bytes < 1024 {
+            problem("http.max_body_bytes", "must be at least 1024".into());
+        }
+        let mut tokens: Vec<String> = self
+            .http
+            .tokens
+            .iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if !self.http.tokens_file.is_empty() {
+            match std::fs::read_to_string(&self.http.tokens_file) {
+                Ok(text) => tokens.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_owned),
+                ),
+                Err(e) => problem(
+                    "http.tokens_file",
+                    format!("cannot read {}: {e}", self.http.tokens_file),
+                ),
+            }
+        }
+        if tokens.iter().any(|t| t.len() < 16) {
+            problem(
+                "http.tokens",
+                "every token must be at least 16 characters".into(),
+            );
+        }
+        if self.bus.backend != "embedded" {
+            problem(
+                "bus.backend",
+                format!(
+                    "{:?} is not available in this build (embedded)",
+                    self.bus.backend
+                ),
+            );
+        }
+        if !(1..=1024).contains(&self.bus.partitions) {
+            problem("bus.partitions", "must be between 1 and 1024".into());
+        }
+        if self.bus.max_batch == 0 {
+            problem("bus.max_batch", "must be at least 1".into());
+        }
+        if self
+            .bus
+            .topic_prefix
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+        {
+            problem(
+                "bus.topic_prefix",
+                "may hold only letters, digits, '.', '_' and '-'".into(),
+            );
+        }
+        if self.store.backend != "sqlite" {
+            problem(
+                "store.backend",
+                format!(
+                    "{:?} is not available in this build (sqlite)",
+                    self.store.backend
+                ),
+            );
+        }
+        if self.router.batch == 0 {
+            problem("router.batch", "must be at least 1".into());
+        }
+        let log_format = match self.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                problem(
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problem(
+                "log.level",
+                format!("{:?} is not a filter: {e}", self.log.level),
+            );
+        }
+        let drain_timeout = parse_duration(&self.shutdown.drain_timeout)
+            .map_err(|e| problem("shutdown.drain_timeout", e))
+            .unwrap_or_default();
+
+        let default = self.threading.get("default").cloned().unwrap_or_default();
+        let mut policy = Policy::default();
+        for name in self.threading.keys() {
+            if name != "default" && name.parse::<Channel>().is_err() {
+                problem(&format!("threading.{name}"), "is not a channel".into());
+            }
+        }
+        for channel in Channel::ALL {
+            let own = self
+                .threading
+                .get(channel.as_str())
+                .cloned()
+                .unwrap_or_default();
+            let base = ChannelPolicy::default_for(channel);
+            let key = |k: &str| {
+                if own_has(&own, k) {
+                    format!("threading.{channel}.{k}")
+                } else {
+                    format!("threading.default.{k}")
+                }
+            };
+            let mut window = |k: &str, v: Option<&String>, fallback: Duration| match v {
+                Some(s) => parse_duration(s).unwrap_or_else(|e| {
+                    problem(&key(k), e);
+                    fallback
+                }),
+                None => fallback,
+            };
+            let inactivity = window(
+                "inactivity",
+                own.inactivity.as_ref().or(default.inactivity.as_ref()),
+                base.inactivity,
+            );
+            let reopen = window(
+                "reopen",
+                own.reopen.as_ref().or(default.reopen.as_ref()),
+                base.reopen,
+            );
+            let continuation = match own.continuation.as_ref().or(default.continuation.as_ref()) {
+                Some(s) if s == "off" => None,
+                Some(s) => Some(window("continuation", Some(s), Duration::ZERO)),
+                None => base.continuation,
+            };
+            let match_subject = own
+                .match_subject
+                .or(default.match_subject)
+                .unwrap_or(base.match_subject);
+            policy = policy.with(
+                channel,
+                ChannelPolicy {
+                    inactivity,
+                    continuation,
+                    reopen,
+                    match_subject,
+                },
+            );
+        }
+
+        if !problems.is_empty() {
+            // Threading problems are found once per channel that inherits the
+            // faulty default; report each once.
+            problems.sort();
+            problems.dedup();
+            return Err(ConfigError::Invalid(problems));
+        }
+        let sqlite_path = data_dir.join(&self.store.sqlite_path);
+        Ok(Config {
+            data_dir,
+            listen: listen.expect("checked above"),
+            max_body_bytes: self.http.max_body_bytes as usize,
+            tokens,
+            topic_prefix: self.bus.topic_prefix.clone(),
+            partitions: self.bus.partitions,
+            bus_max_batch: self.bus.max_batch,
+            sqlite_path,
+            router_batch: self.router.batch,
+            policy,
+            log_format,
+            log_level: self.log.level.clone(),
+            drain_timeout,
+        })
+    }
+}
+
+fn own_has(own: &RawThreading, key: &str) -> bool {
+    match key {
+        "inactivity" => own.inactivity.is_some(),
+        "continuation" => own.continuation.is_some(),
+        "reopen" => own.reopen.is_some(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_file() {
+        let raw = load(None, &HashMap::new(), &Overrides::default()).unwrap();
+        let cfg = raw.validate().unwrap();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.data_dir, PathBuf::from("./data"));
+        assert!(cfg.tokens.is_empty());
+        let sms = cfg.policy.channel(Channel::Sms);
+        assert_eq!(sms.inactivity, Duration::from_secs(86_400));
+        assert_eq!(sms.continuation, Some(Duration::from_secs(7200)));
+        assert!(!sms.match_subject);
+        assert!(cfg.policy.channel(Channel::Email).match_subject);
+        assert_eq!(cfg.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn env_and_flags_override_in_order() {
+        let e = env(&[
+            ("SWITCHBOARD__HTTP__LISTEN", "127.0.0.1:9000"),
+            (
+                "SWITCHBOARD__HTTP__TOKENS",
+                "aaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbb",
+            ),
+            ("SWITCHBOARD__THREADING__SMS__INACTIVITY", "12h"),
+            ("SWITCHBOARD__THREADING__DEFAULT__CONTINUATION", "off"),
+            ("OTHER", "ignored"),
+        ]);
+        let cfg = load(None, &e, &Overrides::default())
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.tokens.len(), 2);
+        assert_eq!(
+            cfg.policy.channel(Channel::Sms).inactivity,
+            Duration::from_secs(43_200)
+        );
+        assert_eq!(
+            cfg.policy.channel(Channel::Email).inactivity,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(cfg.policy.channel(Channel::Email).continuation, None);
+        let flags = Overrides {
+            listen: Some("127.0.0.1:9100".into()),
+            data_dir: Some("/tmp/sb".into()),
+        };
+        let cfg = load(None, &e, &flags).unwrap().validate().unwrap();
+        assert_eq!(cfg.listen.port(), 9100);
+        assert_eq!(cfg.sqlite_path, PathBuf::from("/tmp/sb/history.sqlite3"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[http]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n").unwrap();
+        let err = load(Some(&path), &HashMap::new(), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+        let e = env(&[("SWITCHBOARD__BUS__PARTITONS", "4")]);
+        let err = load(None, &e, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("partitons"), "{err}");
+    }
+
+    #[test]
+    fn validate_lists_every_problem() {
+        let e = env(&[
+            ("SWITCHBOARD__HTTP__LISTEN", "nowhere"),
+            ("SWITCHBOARD__BUS__BACKEND", "carrier-pigeon"),
+            ("SWITCHBOARD__THREADING__DEFAULT__REOPEN", "7 weeks"),
+            ("SWITCHBOARD__THREADING__FAX__REOPEN", "1d"),
+            ("SWITCHBOARD__LOG__FORMAT", "xml"),
+            ("SWITCHBOARD__HTTP__TOKENS", "short"),
+        ]);
+        let err = load(None, &e, &Overrides::default())
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        let ConfigError::Invalid(problems) = err else {
+            panic!("expected problems")
+        };
+        let text = problems.join("\n");
+        for key in [
+            "http.listen",
+            "bus.backend",
+            "threading.default.reopen",
+            "threading.fax",
+            "log.format",
+            "http.tokens",
+        ] {
+            assert!(text.contains(key), "{key} missing from:\n{text}");
+        }
+        assert_eq!(problems.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
+        assert!(parse_duration("7").is_err());
+        assert!(parse_duration("7y").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

@@ -1,0 +1,450 @@
+//! The HTTP listener: the `/v1` API (bearer tokens), health and metrics.
+//!
+//! A write (`POST /v1/inbound`, `POST /v1/commands`) is answered 202 only
+//! after its record is durably on the bus; a bus failure answers 503, and
+//! the caller may retry with the same idempotency key.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+use serde::Deserialize;
+use serde_json::json;
+use switchboard_core::{
+    Bus, CommandKind, DecodeError, Identity, Topics, decode_command, decode_envelope,
+};
+use switchboard_store::{Cursor, Store, StoreError};
+use uuid::Uuid;
+
+/// Shared state of the handlers.
+pub struct AppState {
+    /// The bus.
+    pub bus: Arc<dyn Bus>,
+    /// The history.
+    pub store: Arc<dyn Store>,
+    /// Topic names.
+    pub topics: Topics,
+    /// Accepted bearer tokens.
+    pub tokens: Vec<String>,
+    /// Metric registry for `/metrics`.
+    pub registry: Registry,
+    /// HTTP metrics.
+    pub metrics: HttpMetrics,
+    /// True while draining: `/readyz` answers 503.
+    pub draining: AtomicBool,
+}
+
+/// HTTP metrics.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    lag: IntGaugeVec,
+}
+
+impl HttpMetrics {
+    /// Creates and registers them.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = HttpMetrics {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_http_requests_total",
+                    "HTTP requests, by route and status",
+                ),
+                &["route", "status"],
+            )?,
+            latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "switchboard_http_request_seconds",
+                    "HTTP request latency, by route",
+                ),
+                &["route"],
+            )?,
+            lag: IntGaugeVec::new(
+                Opts::new(
+                    "switchboard_bus_lag",
+                    "records not yet committed, by topic, group and partition",
+                ),
+                &["topic", "group", "partition"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.latency.clone()))?;
+        registry.register(Box::new(m.lag.clone()))?;
+        Ok(m)
+    }
+}
+
+/// The application's routes.
+pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
+    let v1 = Router::new()
+        .route("/inbound", post(post_inbound))
+        .route("/commands", post(post_command))
+        .route("/customers", get(get_customer))
+        .route("/customers/{id}/timeline", get(get_timeline))
+        .route("/conversations/{id}", get(get_conversation))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// A JSON error: `{"error": "...", "field": "..."}`.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn api_error(status: StatusCode, msg: impl Into<String>, field: Option<&str>) -> ApiError {
+    ApiError {
+        status,
+        message: msg.into(),
+        field: field.map(str::to_owned),
+    }
+}
+
+fn error(status: StatusCode, msg: impl Into<String>, field: Option<&str>) -> Response {
+    api_error(status, msg, field).into_response()
+}
+
+fn decode_error(e: &DecodeError) -> Response {
+    error(StatusCode::BAD_REQUEST, e.to_string(), e.field())
+}
+
+fn store_error(e: StoreError) -> Response {
+    tracing::error!(error = %e, "store read failed");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "history store unavailable",
+        None,
+    )
+}
+
+/// Compares in time independent of where the strings differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|p| {
+        state.tokens.iter().fold(false, |acc, t| {
+            acc | constant_time_eq(t.as_bytes(), p.as_bytes())
+        })
+    });
+    if ok {
+        return next.run(req).await;
+    }
+    let msg = if presented.is_some() {
+        "bearer token not accepted"
+    } else {
+        "missing bearer token (Authorization: Bearer TOKEN)"
+    };
+    let mut resp = error(StatusCode::UNAUTHORIZED, msg, None);
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    state
+        .metrics
+        .latency
+        .with_label_values(&[route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(ct) if ct.starts_with("application/json") => Ok(()),
+        Some(ct) => Err(api_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content-type {ct:?} is not application/json"),
+            None,
+        )),
+        None => Err(api_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "missing content-type: application/json",
+            None,
+        )),
+    }
+}
+
+async fn post_inbound(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = require_json(&headers) {
+        return e.into_response();
+    }
+    let env = match decode_envelope(&body) {
+        Ok(env) => env,
+        Err(e) => return decode_error(&e),
+    };
+    // What goes on the bus is the normalized envelope, with the id and time
+    // filled in, so every reader sees the same values.
+    let payload = match serde_json::to_vec(&env) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    };
+    let key = env.customer_identity().key();
+    match state
+        .bus
+        .publish(&state.topics.inbound, key.as_bytes(), payload)
+        .await
+    {
+        Ok(pos) => {
+            tracing::debug!(id = %env.id, key = %env.idempotency_key, position = %pos, "inbound accepted");
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "id": env.id, "idempotency_key": env.idempotency_key })),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, key = %env.idempotency_key, "inbound publish failed");
+            let mut resp = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not accepted: {e}"),
+                None,
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+    }
+}
+
+async fn post_command(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = require_json(&headers) {
+        return e.into_response();
+    }
+    let cmd = match decode_command(&body) {
+        Ok(c) => c,
+        Err(e) => return decode_error(&e),
+    };
+    // Keyed by the customer where the command names one, so a customer's
+    // commands stay in order.
+    let key = match &cmd.kind {
+        CommandKind::IdentityLink { a, .. } => a.key(),
+        CommandKind::IdentityUnlink { identity, .. } => identity.key(),
+        CommandKind::CustomerMerge { survivor, .. } => survivor.to_string(),
+        CommandKind::ConversationResolve { conversation_id }
+        | CommandKind::ConversationReopen { conversation_id } => conversation_id.to_string(),
+        CommandKind::CustomerErase { customer_id } => customer_id.to_string(),
+    };
+    let payload = match serde_json::to_vec(&cmd) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    };
+    match state
+        .bus
+        .publish(&state.topics.commands, key.as_bytes(), payload)
+        .await
+    {
+        Ok(_) => (StatusCode::ACCEPTED, Json(json!({ "id": cmd.id }))).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not accepted: {e}"),
+            None,
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct IdentityQuery {
+    identity: Option<String>,
+}
+
+async fn get_customer(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<IdentityQuery>,
+) -> Response {
+    let Some(raw) = q.identity else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing query parameter identity=KIND:VALUE",
+            Some("identity"),
+        );
+    };
+    let identity = match Identity::parse(&raw) {
+        Ok(i) => i,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string(), Some("identity")),
+    };
+    let store = Arc::clone(&state.store);
+    match tokio::task::spawn_blocking(move || store.customer_by_identity(&identity)).await {
+        Ok(Ok(Some(c))) => Json(c).into_response(),
+        Ok(Ok(None)) => error(
+            StatusCode::NOT_FOUND,
+            format!("no customer has identity {raw}"),
+            None,
+        ),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    }
+}
+
+#[derive(Deserialize)]
+struct TimelineQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+fn parse_uuid(raw: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|e| {
+        api_error(
+            StatusCode::BAD_REQUEST,
+            format!("{what} {raw:?} is not a uuid: {e}"),
+            Some(what),
+        )
+    })
+}
+
+async fn get_timeline(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<TimelineQuery>,
+) -> Response {
+    let id = match parse_uuid(&id, "customer_id") {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let after = match q.after.as_deref().map(str::parse::<Cursor>).transpose() {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e, Some("after")),
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and 1000",
+            Some("limit"),
+        );
+    }
+    let store = Arc::clone(&state.store);
+    match tokio::task::spawn_blocking(move || store.timeline(id, after, limit)).await {
+        Ok(Ok(Some(t))) => Json(t).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no customer {id}"), None),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    }
+}
+
+async fn get_conversation(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    let id = match parse_uuid(&id, "conversation_id") {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let store = Arc::clone(&state.store);
+    match tokio::task::spawn_blocking(move || store.conversation(id)).await {
+        Ok(Ok(Some((conversation, messages)))) => {
+            Json(json!({ "conversation": conversation, "messages": messages })).into_response()
+        }
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no conversation {id}"), None),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    }
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let mut problems = Vec::new();
+    if state.draining.load(Ordering::SeqCst) {
+        problems.push("draining: shutting down".to_owned());
+    }
+    if let Err(e) = state.bus.ready().await {
+        problems.push(format!("bus: {e}"));
+    }
+    let store = Arc::clone(&state.store);
+    match tokio::task::spawn_blocking(move || store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!("store: {e}")),
+        Err(e) => problems.push(format!("store: {e}")),
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "problems": problems })),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    for topic in [&state.topics.inbound, &state.topics.commands] {
+        let group = if topic == &state.topics.inbound {
+            switchboard_router::INBOUND_GROUP
+        } else {
+            switchboard_router::COMMANDS_GROUP
+        };
+        if let Ok(lag) = state.bus.lag(topic, group).await {
+            for (partition, n) in lag {
+                state
+                    .metrics
+                    .lag
+                    .with_label_values(&[topic.as_str(), group, &partition.to_string()])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+    }
+    let mut buf = Vec::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode(&state.registry.gather(), &mut buf) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None);
+    }
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], buf).into_response()
+}

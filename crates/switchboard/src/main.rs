@@ -1,0 +1,123 @@
+//! `switchboard`: the daemon and its command-line tools (see the library
+//! crate for the contract).
+
+use clap::{Parser, Subcommand};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use switchboard::config::{self, ConfigError, Overrides};
+use switchboard::{daemon, schemas};
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "omnichannel message-routing daemon"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the daemon.
+    Run {
+        /// Configuration file; without it, the built-in defaults
+        /// (config/switchboard.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding http.listen.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory, overriding data_dir.
+        #[arg(long)]
+        data_dir: Option<String>,
+    },
+    /// Checks a configuration file (and the environment), printing every
+    /// problem; exits non-zero if there is one.
+    CheckConfig {
+        /// The file; without it, the built-in defaults.
+        path: Option<PathBuf>,
+    },
+    /// Writes the JSON Schemas and examples of every record to a directory.
+    Schemas {
+        /// Output directory.
+        #[arg(long, default_value = "docs/schemas")]
+        out: PathBuf,
+    },
+}
+
+fn process_env() -> HashMap<String, String> {
+    std::env::vars().collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::CheckConfig { path } => {
+            match config::load(path.as_deref(), &process_env(), &Overrides::default())
+                .and_then(|raw| raw.validate())
+            {
+                Ok(cfg) => {
+                    println!(
+                        "configuration ok: listen {}, data_dir {}, {} api token(s)",
+                        cfg.listen,
+                        cfg.data_dir.display(),
+                        cfg.tokens.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(78) // EX_CONFIG
+                }
+            }
+        }
+        Cmd::Schemas { out } => match schemas::write(&out) {
+            Ok(n) => {
+                println!("wrote {n} files to {}", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Run {
+            config,
+            listen,
+            data_dir,
+        } => {
+            let overrides = Overrides { listen, data_dir };
+            let cfg = match config::load(config.as_deref(), &process_env(), &overrides)
+                .and_then(|raw| raw.validate())
+            {
+                Ok(cfg) => cfg,
+                Err(e @ (ConfigError::Load(_) | ConfigError::Invalid(_))) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(78);
+                }
+            };
+            daemon::init_tracing(&cfg);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(daemon::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "switchboard stopped");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
