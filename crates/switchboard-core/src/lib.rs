@@ -12,12 +12,14 @@
 pub mod bus;
 pub mod envelope;
 pub mod identity;
+pub mod outbound;
 pub mod records;
 pub mod schemas;
 
 pub use bus::{Bus, BusError, Consumer, Record, Topics};
 pub use envelope::{Attachment, Channel, Direction, Envelope, ProviderRaw, ThreadHints, Trace};
 pub use identity::{Identity, IdentityError, IdentityKind};
+pub use outbound::{Outbound, OutboundMessage, SendError, SendReceipt};
 pub use records::{
     Command, CommandKind, DeadLetter, Delivery, DeliveryError, DeliveryState, Event, EventKind,
     OutboundRequest, Template, ThreadRule,

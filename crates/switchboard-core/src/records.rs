@@ -61,6 +61,10 @@ pub struct OutboundRequest {
     /// The caller's key: a request redelivered with a known key is not sent
     /// again.
     pub idempotency_key: String,
+    /// Switchboard's id for the message to send. `POST /v1/messages` fills it
+    /// in (and answers with it); when absent the dispatcher makes one.
+    #[serde(default)]
+    pub message_id: Option<Uuid>,
     /// Reply in this conversation.
     #[serde(default)]
     pub conversation_id: Option<Uuid>,
@@ -491,4 +495,46 @@ impl DeadLetter {
             b64.decode(&self.payload_base64)?,
         ))
     }
+}
+
+schema_tag!(
+    /// `switchboard.api-message.v1`.
+    ApiMessageSchema,
+    "switchboard.api-message.v1"
+);
+
+/// What the api channel POSTs to another system's URL: one message for it to
+/// deliver. Signed; see `docs/integration.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiMessage {
+    /// Always `switchboard.api-message.v1`.
+    pub schema: ApiMessageSchema,
+    /// Switchboard's id for the message.
+    pub message_id: Uuid,
+    /// The request's idempotency key, also sent as the `Idempotency-Key`
+    /// header: a receiver that sees a key twice must treat the second as the
+    /// same message.
+    pub idempotency_key: String,
+    /// The conversation.
+    pub conversation_id: Uuid,
+    /// The customer.
+    pub customer_id: Uuid,
+    /// Our account name on the api channel.
+    pub account: String,
+    /// The recipient.
+    pub to: Identity,
+    /// Subject, if any.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// The text.
+    pub text: String,
+    /// Attachments.
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+    /// A template, if the request named one.
+    #[serde(default)]
+    pub template: Option<Template>,
+    /// Attempt number, from 1.
+    pub attempt: u32,
 }

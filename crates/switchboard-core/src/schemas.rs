@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 
 use crate::envelope::EnvelopeSchema;
 use crate::records::{
-    CommandSchema, DeadLetterSchema, DeliverySchema, EventSchema, OutboundSchema,
+    ApiMessage, ApiMessageSchema, CommandSchema, DeadLetterSchema, DeliverySchema, EventSchema,
+    OutboundSchema,
 };
 use crate::{Command, DeadLetter, Delivery, Envelope, Event, OutboundRequest};
 
@@ -149,6 +150,21 @@ pub fn all() -> Vec<SchemaDoc> {
                 "at": "2026-11-02T09:14:04Z"
             }),
         },
+        SchemaDoc {
+            name: "api-message.v1",
+            schema: schema::<ApiMessage>(),
+            example: json!({
+                "schema": ApiMessageSchema::NAME,
+                "message_id": "01936f0e-7c1a-7000-8000-00000000a002",
+                "idempotency_key": "crm-reply-88121",
+                "conversation_id": "01936f0e-7c1a-7000-8000-00000000c001",
+                "customer_id": "01936f0e-7c1a-7000-8000-00000000b001",
+                "account": "crm",
+                "to": {"kind": "external", "value": "crm-contact-5521"},
+                "text": "A replacement is on its way.",
+                "attempt": 1
+            }),
+        },
     ]
 }
 
@@ -167,6 +183,9 @@ mod tests {
                 "delivery.v1" => crate::decode::<Delivery>(&bytes, DeliverySchema::NAME).map(drop),
                 "command.v1" => crate::decode_command(&bytes).map(drop),
                 "dlq.v1" => crate::decode::<DeadLetter>(&bytes, DeadLetterSchema::NAME).map(drop),
+                "api-message.v1" => {
+                    crate::decode::<ApiMessage>(&bytes, ApiMessageSchema::NAME).map(drop)
+                }
                 other => panic!("no decoder for {other}"),
             };
             res.unwrap_or_else(|e| panic!("{}: {e}", doc.name));

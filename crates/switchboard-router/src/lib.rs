@@ -19,13 +19,20 @@
 //! commands, a [`Bus`](switchboard_core::Bus) and a
 //! [`Store`](switchboard_store::Store).
 
+pub mod dispatch;
 pub mod policy;
 pub mod route;
 pub mod service;
 
+pub use dispatch::{
+    ChannelRule, CustomerServiceWindow, DISPATCH_GROUP, DispatchMetrics, DispatchSettings,
+    Dispatcher, RetryPolicy, RuleContext,
+};
 pub use policy::{ChannelPolicy, Policy};
 pub use route::{RouteError, Routed, Router};
-pub use service::{COMMANDS_GROUP, INBOUND_GROUP, Pipeline, PipelineError, RouterMetrics};
+pub use service::{
+    COMMANDS_GROUP, INBOUND_GROUP, OutboxPublisher, Pipeline, PipelineError, RouterMetrics,
+};
 
 #[cfg(test)]
 mod tests;

@@ -69,6 +69,7 @@ pub enum Routed {
 pub struct Router {
     policy: Policy,
     events_topic: String,
+    delivery_topic: String,
 }
 
 fn window_ms(d: Duration) -> Millis {
@@ -132,7 +133,124 @@ impl Router {
         Router {
             policy,
             events_topic: events_topic.into(),
+            delivery_topic: switchboard_core::Topics::default().delivery,
         }
+    }
+
+    /// Sets the topic delivery statuses are written for (default
+    /// `switchboard.delivery.v1`).
+    pub fn with_delivery_topic(mut self, topic: impl Into<String>) -> Self {
+        self.delivery_topic = topic.into();
+        self
+    }
+
+    /// The threading policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Stores an outbound message with a delivery status, in `conversation`
+    /// or, when `None`, in a new conversation of `customer_id` (announced
+    /// with `conversation.opened`). Returns the conversation id.
+    pub fn record_outbound(
+        &self,
+        tx: &mut dyn Tx,
+        env: &Envelope,
+        customer_id: Uuid,
+        conversation: Option<Conversation>,
+        status: &str,
+    ) -> Result<Uuid, RouteError> {
+        let at = millis(env.received_at);
+        let (mut conv, opened) = match conversation {
+            Some(c) => (c, false),
+            None => (
+                Conversation {
+                    id: Uuid::now_v7(),
+                    customer_id,
+                    channel: env.channel,
+                    account: env.account.clone(),
+                    status: ConversationStatus::Open,
+                    opened_at: at,
+                    last_message_at: at,
+                    last_inbound_channel: None,
+                    last_inbound_account: None,
+                    resolved_at: None,
+                    subject_key: self
+                        .policy
+                        .channel(env.channel)
+                        .match_subject
+                        .then(|| env.subject.as_deref().map(subject_key).unwrap_or_default()),
+                },
+                true,
+            ),
+        };
+        conv.last_message_at = conv.last_message_at.max(at);
+        if opened {
+            tx.insert_conversation(&conv)?;
+        } else {
+            tx.update_conversation(&conv)?;
+        }
+        tx.insert_message(&NewMessage {
+            envelope: env,
+            customer_id,
+            conversation_id: conv.id,
+            rule: ThreadRule::Explicit,
+            status: Some(status),
+        })?;
+        if opened {
+            let mut events = Events {
+                topic: &self.events_topic,
+                out: Vec::new(),
+            };
+            events.emit(
+                tx,
+                customer_id,
+                at,
+                EventKind::ConversationOpened {
+                    conversation_id: conv.id,
+                    channel: env.channel,
+                },
+            )?;
+        }
+        Ok(conv.id)
+    }
+
+    /// Writes an event for `events.v1` to the outbox.
+    pub fn emit_event(
+        &self,
+        tx: &mut dyn Tx,
+        customer_id: Uuid,
+        at: Millis,
+        kind: EventKind,
+    ) -> Result<(), RouteError> {
+        let mut events = Events {
+            topic: &self.events_topic,
+            out: Vec::new(),
+        };
+        events.emit(tx, customer_id, at, kind)?;
+        Ok(())
+    }
+
+    /// Writes a delivery status for `delivery.v1` (keyed by conversation) to
+    /// the outbox, and sets the message's status in the history.
+    pub fn emit_delivery(
+        &self,
+        tx: &mut dyn Tx,
+        delivery: &switchboard_core::Delivery,
+    ) -> Result<(), RouteError> {
+        let status = serde_json::to_value(delivery.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        tx.set_message_status(delivery.message_id, &status)?;
+        let payload =
+            serde_json::to_vec(delivery).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        tx.push_outbox(
+            &self.delivery_topic,
+            delivery.conversation_id.to_string().as_bytes(),
+            &payload,
+        )?;
+        Ok(())
     }
 
     /// Routes one envelope. Idempotent on its key.

@@ -110,7 +110,7 @@ pub struct Pipeline {
     topics: Topics,
     metrics: RouterMetrics,
     batch: usize,
-    outbox_lock: Mutex<()>,
+    outbox: Arc<OutboxPublisher>,
 }
 
 /// What happened to one record of a batch.
@@ -134,13 +134,13 @@ impl Pipeline {
         batch: usize,
     ) -> Self {
         Pipeline {
+            outbox: Arc::new(OutboxPublisher::new(Arc::clone(&bus), Arc::clone(&store))),
             bus,
             store,
             router,
             topics,
             metrics,
             batch: batch.max(1),
-            outbox_lock: Mutex::new(()),
         }
     }
 
@@ -312,7 +312,65 @@ impl Pipeline {
 
     /// Publishes committed events that are still in the outbox.
     pub async fn flush_outbox(&self) -> Result<(), PipelineError> {
-        let _guard = self.outbox_lock.lock().await;
+        self.outbox.flush().await
+    }
+
+    /// The outbox publisher, to share with the dispatcher.
+    pub fn outbox(&self) -> Arc<OutboxPublisher> {
+        Arc::clone(&self.outbox)
+    }
+
+    async fn retry_bus<F, Fut, T>(&self, f: F) -> Result<T, PipelineError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, BusError>>,
+    {
+        retry_bus(f, || self.metrics.errors.with_label_values(&["bus"]).inc()).await
+    }
+}
+
+/// Retries a bus operation while its error is retryable, with backoff.
+pub(crate) async fn retry_bus<F, Fut, T>(mut f: F, on_retry: impl Fn()) -> Result<T, PipelineError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, BusError>>,
+{
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(error) if error.retryable() => {
+                tracing::warn!(%error, "bus operation failed; retrying");
+                on_retry();
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_BACKOFF);
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Publishes the store's outbox. Shared by every loop of a process, so one
+/// record is published by one of them.
+pub struct OutboxPublisher {
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    lock: Mutex<()>,
+}
+
+impl OutboxPublisher {
+    /// A publisher for this store's outbox onto this bus.
+    pub fn new(bus: Arc<dyn Bus>, store: Arc<dyn Store>) -> Self {
+        OutboxPublisher {
+            bus,
+            store,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Publishes everything committed to the outbox, then forgets it.
+    pub async fn flush(&self) -> Result<(), PipelineError> {
+        let _guard = self.lock.lock().await;
         loop {
             let store = Arc::clone(&self.store);
             let pending = tokio::task::spawn_blocking(move || store.outbox(2048))
@@ -329,32 +387,11 @@ impl Pipeline {
                     payload: r.payload,
                 })
                 .collect();
-            self.retry_bus(|| self.bus.publish_batch(batch.clone()))
-                .await?;
+            retry_bus(|| self.bus.publish_batch(batch.clone()), || {}).await?;
             let store = Arc::clone(&self.store);
             tokio::task::spawn_blocking(move || store.outbox_done(last))
                 .await
                 .unwrap_or_else(|join| Err(StoreError::Unavailable(join.to_string())))?;
-        }
-    }
-
-    async fn retry_bus<F, Fut, T>(&self, mut f: F) -> Result<T, PipelineError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, BusError>>,
-    {
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match f().await {
-                Ok(v) => return Ok(v),
-                Err(error) if error.retryable() => {
-                    tracing::warn!(%error, "publish failed; retrying");
-                    self.metrics.errors.with_label_values(&["bus"]).inc();
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_BACKOFF);
-                }
-                Err(error) => return Err(error.into()),
-            }
         }
     }
 }

@@ -19,8 +19,8 @@ use switchboard_core::{Channel, Identity, Retryable};
 use uuid::Uuid;
 
 pub use model::{
-    Conversation, ConversationStatus, Cursor, Customer, Erased, MessageRef, Millis, NewMessage,
-    StoredMessage, Timeline, from_millis, millis,
+    Conversation, ConversationStatus, Cursor, Customer, Erased, LastInbound, MessageRef, Millis,
+    NewMessage, OutboundRecord, OutboundState, StoredMessage, Timeline, from_millis, millis,
 };
 pub use sqlite::SqliteStore;
 
@@ -87,6 +87,9 @@ pub trait Store: Send + Sync + 'static {
         &self,
         id: Uuid,
     ) -> Result<Option<(Conversation, Vec<StoredMessage>)>, StoreError>;
+
+    /// The dispatcher's record of a request, by idempotency key.
+    fn outbound_by_key(&self, key: &str) -> Result<Option<OutboundRecord>, StoreError>;
 
     /// Events committed but not yet published, oldest first.
     fn outbox(&self, limit: usize) -> Result<Vec<OutboxRecord>, StoreError>;
@@ -157,6 +160,21 @@ pub trait Tx {
     fn update_conversation(&mut self, c: &Conversation) -> Result<(), StoreError>;
     /// Stores a message; returns its `seq`.
     fn insert_message(&mut self, m: &NewMessage<'_>) -> Result<i64, StoreError>;
+    /// The dispatcher's record of a request, by idempotency key.
+    fn outbound(&mut self, key: &str) -> Result<Option<OutboundRecord>, StoreError>;
+    /// Stores or updates the record of a request; `request` (the request as
+    /// received, JSON) is kept from the first write.
+    fn put_outbound(&mut self, record: &OutboundRecord, request: &str) -> Result<(), StoreError>;
+    /// The request as received, for a record.
+    fn outbound_request(&mut self, key: &str) -> Result<Option<String>, StoreError>;
+    /// The customer's latest inbound message, optionally within one
+    /// conversation and on one channel.
+    fn last_inbound(
+        &mut self,
+        customer: Uuid,
+        conversation: Option<Uuid>,
+        channel: Option<Channel>,
+    ) -> Result<Option<LastInbound>, StoreError>;
     /// Updates an outbound message's delivery status.
     fn set_message_status(&mut self, id: Uuid, status: &str) -> Result<(), StoreError>;
     /// Merges `merged` into `survivor`: identities, conversations and messages

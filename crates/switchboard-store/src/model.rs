@@ -222,3 +222,83 @@ fn ser_millis<S: serde::Serializer>(ms: &Millis, s: S) -> Result<S::Ok, S::Error
 fn ser_opt_millis<S: serde::Serializer>(ms: &Option<Millis>, s: S) -> Result<S::Ok, S::Error> {
     ms.map(from_millis).serialize(s)
 }
+
+/// Where a request to send stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboundState {
+    /// Recorded; about to be sent (or being sent: a crash here means the
+    /// provider may or may not have it).
+    Sending,
+    /// The provider accepted it.
+    Sent,
+    /// It failed for good.
+    Failed,
+}
+
+impl OutboundState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboundState::Sending => "sending",
+            OutboundState::Sent => "sent",
+            OutboundState::Failed => "failed",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sending" => Some(OutboundState::Sending),
+            "sent" => Some(OutboundState::Sent),
+            "failed" => Some(OutboundState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A request to send, as the dispatcher recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboundRecord {
+    /// The request's idempotency key.
+    pub idempotency_key: String,
+    /// The message in the history.
+    pub message_id: Uuid,
+    /// Its conversation.
+    pub conversation_id: Uuid,
+    /// Its customer.
+    pub customer_id: Uuid,
+    /// The channel.
+    pub channel: Channel,
+    /// Our account.
+    pub account: String,
+    /// The recipient.
+    pub to: Identity,
+    /// Where it stands.
+    pub state: OutboundState,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The provider's id, once sent.
+    pub provider_message_id: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When it was first recorded.
+    pub created_at: Millis,
+    /// When it last changed.
+    pub updated_at: Millis,
+}
+
+/// The latest message a customer sent, in some scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastInbound {
+    /// Its conversation.
+    pub conversation_id: Uuid,
+    /// Its channel.
+    pub channel: Channel,
+    /// Our account it was sent to.
+    pub account: String,
+    /// The customer's identity it came from.
+    pub from: Identity,
+    /// Its time.
+    pub at: Millis,
+}

@@ -9,14 +9,15 @@ use switchboard_core::{Channel, Direction, Identity, IdentityKind, ThreadRule};
 use uuid::Uuid;
 
 use crate::model::{
-    Conversation, ConversationStatus, Cursor, Customer, Erased, MessageRef, Millis, NewMessage,
-    StoredMessage, Timeline,
+    Conversation, ConversationStatus, Cursor, Customer, Erased, LastInbound, MessageRef, Millis,
+    NewMessage, OutboundRecord, OutboundState, StoredMessage, Timeline,
 };
 use crate::{OutboxRecord, Store, StoreError, Tx};
 
 /// Versioned migrations: entry `i` takes the schema from version `i` to
 /// `i + 1`. Never edit a released entry; append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE customers (
     id          TEXT PRIMARY KEY,
     created_at  INTEGER NOT NULL,
@@ -114,7 +115,30 @@ CREATE TABLE outbox (
     key     BLOB NOT NULL,
     payload BLOB NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE outbound (
+    idempotency_key     TEXT PRIMARY KEY,
+    message_id          TEXT NOT NULL,
+    conversation_id     TEXT NOT NULL,
+    customer_id         TEXT NOT NULL,
+    channel             TEXT NOT NULL,
+    account             TEXT NOT NULL,
+    to_kind             TEXT NOT NULL,
+    to_value            TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    attempts            INTEGER NOT NULL,
+    provider_message_id TEXT,
+    error               TEXT,
+    request             TEXT NOT NULL,
+    created_at          INTEGER NOT NULL,
+    updated_at          INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX outbound_message ON outbound (message_id);
+CREATE INDEX messages_inbound ON messages (customer_id, channel, received_at)
+    WHERE direction = 'inbound';
+"#,
+];
 
 /// The SQLite store. Writes go through one connection, serialized by a lock;
 /// reads use another, so the API never waits for a routing batch (WAL).
@@ -251,6 +275,27 @@ fn conversation_row(row: &Row<'_>) -> rusqlite::Result<Conversation> {
         last_inbound_account: row.get(8)?,
         resolved_at: row.get(9)?,
         subject_key: row.get(10)?,
+    })
+}
+
+const OUTBOUND_COLS: &str = "idempotency_key, message_id, conversation_id, customer_id, channel, \
+    account, to_kind, to_value, state, attempts, provider_message_id, error, created_at, updated_at";
+
+fn outbound_row(row: &Row<'_>) -> rusqlite::Result<OutboundRecord> {
+    Ok(OutboundRecord {
+        idempotency_key: row.get(0)?,
+        message_id: uuid_col(row, 1)?,
+        conversation_id: uuid_col(row, 2)?,
+        customer_id: uuid_col(row, 3)?,
+        channel: parse_col(row, 4, |s| s.parse::<Channel>().ok())?,
+        account: row.get(5)?,
+        to: identity_cols(row, 6, 7)?,
+        state: parse_col(row, 8, OutboundState::parse)?,
+        attempts: row.get(9)?,
+        provider_message_id: row.get(10)?,
+        error: row.get(11)?,
+        created_at: row.get(12)?,
+        updated_at: row.get(13)?,
     })
 }
 
@@ -445,6 +490,15 @@ impl Store for SqliteStore {
             Ok(Some((conv, messages)))
         };
         run().map_err(unavailable)
+    }
+
+    fn outbound_by_key(&self, key: &str) -> Result<Option<OutboundRecord>, StoreError> {
+        self.read()
+            .prepare_cached(&format!(
+                "SELECT {OUTBOUND_COLS} FROM outbound WHERE idempotency_key = ?1"
+            ))
+            .and_then(|mut s| s.query_row([key], outbound_row).optional())
+            .map_err(unavailable)
     }
 
     fn outbox(&self, limit: usize) -> Result<Vec<OutboxRecord>, StoreError> {
@@ -765,6 +819,105 @@ impl Tx for SqliteTx<'_> {
             )?;
         }
         Ok(seq)
+    }
+
+    fn outbound(&mut self, key: &str) -> Result<Option<OutboundRecord>, StoreError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {OUTBOUND_COLS} FROM outbound WHERE idempotency_key = ?1"
+            ))
+            .and_then(|mut s| s.query_row([key], outbound_row).optional())
+            .map_err(unavailable)
+    }
+
+    fn put_outbound(&mut self, r: &OutboundRecord, request: &str) -> Result<(), StoreError> {
+        self.exec(
+            &format!(
+                "INSERT INTO outbound ({OUTBOUND_COLS}, request) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+                 ON CONFLICT (idempotency_key) DO UPDATE SET state = excluded.state, \
+                 attempts = excluded.attempts, provider_message_id = excluded.provider_message_id, \
+                 error = excluded.error, updated_at = excluded.updated_at"
+            ),
+            params![
+                r.idempotency_key,
+                r.message_id.to_string(),
+                r.conversation_id.to_string(),
+                r.customer_id.to_string(),
+                r.channel.as_str(),
+                r.account,
+                r.to.kind.as_str(),
+                r.to.value,
+                r.state.as_str(),
+                r.attempts,
+                r.provider_message_id,
+                r.error,
+                r.created_at,
+                r.updated_at,
+                request,
+            ],
+        )
+        .map(drop)
+    }
+
+    fn outbound_request(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT request FROM outbound WHERE idempotency_key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .map_err(unavailable)
+    }
+
+    fn last_inbound(
+        &mut self,
+        customer: Uuid,
+        conversation: Option<Uuid>,
+        channel: Option<Channel>,
+    ) -> Result<Option<LastInbound>, StoreError> {
+        let cols = "conversation_id, channel, account, from_kind, from_value, received_at";
+        let row = |r: &Row<'_>| {
+            Ok(LastInbound {
+                conversation_id: uuid_col(r, 0)?,
+                channel: parse_col(r, 1, |s| s.parse::<Channel>().ok())?,
+                account: r.get(2)?,
+                from: identity_cols(r, 3, 4)?,
+                at: r.get(5)?,
+            })
+        };
+        let cid = customer.to_string();
+        let res = match (conversation, channel) {
+            (Some(conv), Some(ch)) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {cols} FROM messages WHERE conversation_id = ?1 AND channel = ?2 \
+                     AND direction = 'inbound' ORDER BY received_at DESC, seq DESC LIMIT 1"
+                ))
+                .and_then(|mut s| {
+                    s.query_row(params![conv.to_string(), ch.as_str()], row)
+                        .optional()
+                }),
+            (Some(conv), None) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {cols} FROM messages WHERE conversation_id = ?1 \
+                     AND direction = 'inbound' ORDER BY received_at DESC, seq DESC LIMIT 1"
+                ))
+                .and_then(|mut s| s.query_row([conv.to_string()], row).optional()),
+            (None, Some(ch)) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {cols} FROM messages WHERE customer_id = ?1 AND channel = ?2 \
+                     AND direction = 'inbound' ORDER BY received_at DESC, seq DESC LIMIT 1"
+                ))
+                .and_then(|mut s| s.query_row(params![cid, ch.as_str()], row).optional()),
+            (None, None) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {cols} FROM messages WHERE customer_id = ?1 \
+                     AND direction = 'inbound' ORDER BY received_at DESC, seq DESC LIMIT 1"
+                ))
+                .and_then(|mut s| s.query_row([cid], row).optional()),
+        };
+        res.map_err(unavailable)
     }
 
     fn set_message_status(&mut self, id: Uuid, status: &str) -> Result<(), StoreError> {

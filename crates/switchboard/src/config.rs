@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use switchboard_core::Channel;
-use switchboard_router::{ChannelPolicy, Policy};
+use switchboard_router::{ChannelPolicy, DispatchSettings, Policy, RetryPolicy};
 
 /// The built-in defaults: the documented file itself.
 pub const DEFAULT_TOML: &str = include_str!("../../../config/switchboard.toml");
@@ -46,6 +46,10 @@ pub struct RawConfig {
     pub router: RawRouter,
     /// Threading windows per channel (`default` and channel names).
     pub threading: BTreeMap<String, RawThreading>,
+    /// Outbound dispatch.
+    pub outbound: RawOutbound,
+    /// Channels.
+    pub channels: RawChannels,
     /// Logging.
     pub log: RawLog,
     /// Shutdown.
@@ -112,6 +116,81 @@ pub struct RawThreading {
     pub match_subject: Option<bool>,
 }
 
+/// `[outbound]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutbound {
+    /// Requests per batch.
+    pub batch: usize,
+    /// Sends in flight.
+    pub concurrency: usize,
+    /// Retry policies (`default` and channel names).
+    pub retry: BTreeMap<String, RawRetry>,
+}
+
+/// `[outbound.retry.*]`; absent keys fall back to `[outbound.retry.default]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Attempts in all.
+    pub max_attempts: Option<u32>,
+    /// First wait.
+    pub initial_backoff: Option<String>,
+    /// Longest wait.
+    pub max_backoff: Option<String>,
+}
+
+/// `[channels]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChannels {
+    /// The api channel.
+    pub api: RawApiChannel,
+}
+
+/// `[channels.api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiChannel {
+    /// Default account.
+    pub default_account: String,
+    /// Accounts by name.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, RawApiAccount>,
+}
+
+/// `[channels.api.accounts.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiAccount {
+    /// Target URL.
+    pub url: String,
+    /// HMAC key.
+    #[serde(default)]
+    pub secret: String,
+    /// File with the HMAC key.
+    #[serde(default)]
+    pub secret_file: String,
+    /// Request timeout.
+    #[serde(default = "default_api_timeout")]
+    pub timeout: String,
+}
+
+fn default_api_timeout() -> String {
+    "10s".to_owned()
+}
+
+/// A checked api account.
+#[derive(Debug, Clone)]
+pub struct ApiAccountConfig {
+    /// Target URL.
+    pub url: String,
+    /// HMAC key.
+    pub secret: switchboard_api::Secret,
+    /// Request timeout.
+    pub timeout: Duration,
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,6 +247,12 @@ pub struct Config {
     pub log_level: String,
     /// Drain deadline.
     pub drain_timeout: Duration,
+    /// Dispatcher settings (retries; channel rules are the built-in ones).
+    pub dispatch: DispatchSettings,
+    /// Api channel accounts.
+    pub api_accounts: BTreeMap<String, ApiAccountConfig>,
+    /// Api channel default account.
+    pub api_default_account: Option<String>,
 }
 
 /// Overrides from the command line.
@@ -427,6 +512,147 @@ impl RawConfig {
             );
         }
 
+        let mut dispatch = DispatchSettings {
+            batch: self.outbound.batch,
+            concurrency: self.outbound.concurrency,
+            ..DispatchSettings::default()
+        };
+        if self.outbound.batch == 0 {
+            problem("outbound.batch", "must be at least 1".into());
+        }
+        if self.outbound.concurrency == 0 {
+            problem("outbound.concurrency", "must be at least 1".into());
+        }
+        for name in self.outbound.retry.keys() {
+            if name != "default" && name.parse::<Channel>().is_err() {
+                problem(&format!("outbound.retry.{name}"), "is not a channel".into());
+            }
+        }
+        let retry_default = self
+            .outbound
+            .retry
+            .get("default")
+            .cloned()
+            .unwrap_or_default();
+        for name in std::iter::once("default").chain(Channel::ALL.iter().map(|c| c.as_str())) {
+            let own = self.outbound.retry.get(name).cloned().unwrap_or_default();
+            let base = RetryPolicy::default();
+            let prefix = |k: &str, has: bool| {
+                if has {
+                    format!("outbound.retry.{name}.{k}")
+                } else {
+                    format!("outbound.retry.default.{k}")
+                }
+            };
+            let mut dur =
+                |k: &str, own: &Option<String>, def: &Option<String>, fallback: Duration| match own
+                    .as_ref()
+                    .or(def.as_ref())
+                {
+                    Some(s) => parse_duration(s).unwrap_or_else(|e| {
+                        problem(&prefix(k, own.is_some()), e);
+                        fallback
+                    }),
+                    None => fallback,
+                };
+            let initial_backoff = dur(
+                "initial_backoff",
+                &own.initial_backoff,
+                &retry_default.initial_backoff,
+                base.initial_backoff,
+            );
+            let max_backoff = dur(
+                "max_backoff",
+                &own.max_backoff,
+                &retry_default.max_backoff,
+                base.max_backoff,
+            );
+            let max_attempts = own
+                .max_attempts
+                .or(retry_default.max_attempts)
+                .unwrap_or(base.max_attempts);
+            if max_attempts == 0 {
+                problem(
+                    &prefix("max_attempts", own.max_attempts.is_some()),
+                    "must be at least 1".into(),
+                );
+            }
+            let policy = RetryPolicy {
+                max_attempts,
+                initial_backoff,
+                max_backoff,
+            };
+            match name.parse::<Channel>() {
+                Ok(channel) => {
+                    dispatch.retry.insert(channel, policy);
+                }
+                Err(_) => dispatch.default_retry = policy,
+            }
+        }
+
+        let mut api_accounts = BTreeMap::new();
+        for (name, acct) in &self.channels.api.accounts {
+            let key = |k: &str| format!("channels.api.accounts.{name}.{k}");
+            let url_ok = match acct.url.parse::<switchboard_api::Url>() {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => true,
+                Ok(_) => {
+                    problem(&key("url"), "must be an http or https URL".into());
+                    false
+                }
+                Err(e) => {
+                    problem(&key("url"), format!("{:?} is not a URL: {e}", acct.url));
+                    false
+                }
+            };
+            let secret = match (acct.secret.is_empty(), acct.secret_file.is_empty()) {
+                (false, true) => Some(acct.secret.clone()),
+                (true, false) => match std::fs::read_to_string(&acct.secret_file) {
+                    Ok(s) => Some(s.trim_end().to_owned()),
+                    Err(e) => {
+                        problem(
+                            &key("secret_file"),
+                            format!("cannot read {}: {e}", acct.secret_file),
+                        );
+                        None
+                    }
+                },
+                (true, true) => {
+                    problem(&key("secret"), "set secret or secret_file".into());
+                    None
+                }
+                (false, false) => {
+                    problem(&key("secret"), "set secret or secret_file, not both".into());
+                    None
+                }
+            };
+            if secret.as_ref().is_some_and(|s| s.len() < 16) {
+                problem(&key("secret"), "must be at least 16 characters".into());
+            }
+            let timeout = parse_duration(&acct.timeout)
+                .map_err(|e| problem(&key("timeout"), e))
+                .ok();
+            if let (true, Some(secret), Some(timeout)) = (url_ok, secret, timeout) {
+                api_accounts.insert(
+                    name.clone(),
+                    ApiAccountConfig {
+                        url: acct.url.clone(),
+                        secret: switchboard_api::Secret::new(secret),
+                        timeout,
+                    },
+                );
+            }
+        }
+        let api_default_account =
+            Some(self.channels.api.default_account.clone()).filter(|s| !s.is_empty());
+        if let Some(name) = &api_default_account
+            && !self.channels.api.accounts.contains_key(name)
+        {
+            problem(
+                "channels.api.default_account",
+                format!("names no configured account ({name:?})"),
+            );
+        }
+
         if !problems.is_empty() {
             // Threading problems are found once per channel that inherits the
             // faulty default; report each once.
@@ -449,6 +675,9 @@ impl RawConfig {
             log_format,
             log_level: self.log.level.clone(),
             drain_timeout,
+            dispatch,
+            api_accounts,
+            api_default_account,
         })
     }
 }

@@ -6,9 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use prometheus::Registry;
+use std::collections::HashMap;
 use switchboard_bus::{EmbeddedBus, EmbeddedConfig};
 use switchboard_core::{Bus, Topics};
-use switchboard_router::{Pipeline, Router, RouterMetrics};
+
+use switchboard_api::{ApiAccount, ApiChannel};
+use switchboard_core::Outbound;
+use switchboard_router::{DispatchMetrics, Dispatcher, Pipeline, Router, RouterMetrics};
 use switchboard_store::{SqliteStore, Store};
 use tokio::sync::watch;
 
@@ -53,18 +57,48 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let registry = Registry::new();
     let router_metrics = RouterMetrics::register(&registry)?;
     let http_metrics = http::HttpMetrics::register(&registry)?;
+    let router = Router::new(cfg.policy.clone(), topics.events.clone())
+        .with_delivery_topic(topics.delivery.clone());
     let pipeline = Arc::new(Pipeline::new(
         Arc::clone(&bus),
         Arc::clone(&store),
-        Router::new(cfg.policy.clone(), topics.events.clone()),
+        router.clone(),
         topics.clone(),
         router_metrics,
         cfg.router_batch,
+    ));
+    let mut api_accounts = HashMap::new();
+    for (name, acct) in &cfg.api_accounts {
+        let url = acct
+            .url
+            .parse()
+            .with_context(|| format!("channels.api.accounts.{name}.url"))?;
+        api_accounts.insert(
+            name.clone(),
+            ApiAccount {
+                url,
+                secret: acct.secret.clone(),
+                timeout: acct.timeout,
+            },
+        );
+    }
+    let api = ApiChannel::new(api_accounts, cfg.api_default_account.clone())?;
+    let adapters: Vec<Arc<dyn Outbound>> = vec![Arc::new(api)];
+    let dispatcher = Arc::new(Dispatcher::new(
+        Arc::clone(&bus),
+        Arc::clone(&store),
+        router,
+        topics.clone(),
+        adapters,
+        cfg.dispatch.clone(),
+        DispatchMetrics::register(&registry)?,
+        pipeline.outbox(),
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let inbound = tokio::spawn(Arc::clone(&pipeline).run_inbound(stop_rx.clone()));
     let commands = tokio::spawn(Arc::clone(&pipeline).run_commands(stop_rx.clone()));
+    let dispatch = tokio::spawn(Arc::clone(&dispatcher).run(stop_rx.clone()));
 
     let state = Arc::new(http::AppState {
         bus: Arc::clone(&bus),
@@ -97,24 +131,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     let mut inbound = inbound;
     let mut commands = commands;
+    let mut dispatch = dispatch;
     // The server returns once a signal arrived and in-flight requests are
     // answered; a router loop that dies first is fatal.
     tokio::select! {
         res = server => res.context("http server failed")?,
         res = &mut inbound => return Err(loop_failed("inbound router", res)),
         res = &mut commands => return Err(loop_failed("command", res)),
+        res = &mut dispatch => return Err(loop_failed("dispatch", res)),
     }
 
     stop_tx.send_replace(true);
     let drained = tokio::time::timeout(cfg.drain_timeout, async {
         let a = inbound.await;
         let b = commands.await;
-        (a, b)
+        let c = dispatch.await;
+        (a, b, c)
     })
     .await;
     match drained {
-        Ok((a, b)) => {
-            for (name, res) in [("inbound router", a), ("command", b)] {
+        Ok((a, b, c)) => {
+            for (name, res) in [("inbound router", a), ("command", b), ("dispatch", c)] {
                 match res {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {

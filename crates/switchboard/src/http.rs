@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 use switchboard_core::{
     Bus, CommandKind, DecodeError, Identity, Topics, decode_command, decode_envelope,
+    decode_outbound,
 };
 use switchboard_store::{Cursor, Store, StoreError};
 use uuid::Uuid;
@@ -90,6 +91,7 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
     let v1 = Router::new()
         .route("/inbound", post(post_inbound))
         .route("/commands", post(post_command))
+        .route("/messages", post(post_message))
         .route("/customers", get(get_customer))
         .route("/customers/{id}/timeline", get(get_timeline))
         .route("/conversations/{id}", get(get_conversation))
@@ -302,6 +304,72 @@ async fn post_command(
             format!("not accepted: {e}"),
             None,
         ),
+    }
+}
+
+async fn post_message(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = require_json(&headers) {
+        return e.into_response();
+    }
+    let mut req = match decode_outbound(&body) {
+        Ok(r) => r,
+        Err(e) => return decode_error(&e),
+    };
+    // A key already dispatched answers with what became of it, sending nothing.
+    let store = Arc::clone(&state.store);
+    let key = req.idempotency_key.clone();
+    match tokio::task::spawn_blocking(move || store.outbound_by_key(&key)).await {
+        Ok(Ok(Some(existing))) => {
+            return (
+                StatusCode::OK,
+                Json(json!({
+                    "message_id": existing.message_id,
+                    "idempotency_key": existing.idempotency_key,
+                    "state": existing.state,
+                })),
+            )
+                .into_response();
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => return store_error(e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    }
+    let message_id = *req.message_id.get_or_insert_with(Uuid::now_v7);
+    // Keyed so that one conversation's (or customer's) requests stay in order.
+    let key = match (&req.conversation_id, &req.customer_id, &req.to) {
+        (Some(c), _, _) => c.to_string(),
+        (None, Some(c), _) => c.to_string(),
+        (None, None, Some(to)) => to.key(),
+        (None, None, None) => unreachable!("validated: one recipient"),
+    };
+    let payload = match serde_json::to_vec(&req) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    };
+    match state
+        .bus
+        .publish(&state.topics.outbound, key.as_bytes(), payload)
+        .await
+    {
+        Ok(_) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "message_id": message_id, "idempotency_key": req.idempotency_key })),
+        )
+            .into_response(),
+        Err(e) => {
+            let mut resp = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not accepted: {e}"),
+                None,
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
     }
 }
 

@@ -1,0 +1,1034 @@
+//! Outbound dispatch: requests from `outbound.v1` become messages sent once
+//! per idempotency key, retried where retrying can help, with every outcome
+//! on `delivery.v1` and in the history.
+//!
+//! For each batch:
+//! 1. One store transaction records, for every new request, the outbound
+//!    message (status `queued`) in its conversation and the request as
+//!    `sending`, with a `queued` delivery status in the outbox. A request
+//!    whose key is already `sent` or `failed` is skipped; one still `sending`
+//!    was interrupted by a crash and is sent again.
+//! 2. The sends run concurrently, each retried with exponential backoff and
+//!    jitter (or the provider's Retry-After) while the error is retryable.
+//! 3. One store transaction records every result (`sent` with the provider's
+//!    id, or `failed` with the reason) with its delivery status and events.
+//! 4. Failed requests go to `dlq.v1`; the outbox is published; offsets are
+//!    committed.
+//!
+//! The only window for a second send is between the provider accepting a
+//! message and step 3 committing: a crash there leaves the request
+//! `sending`, and it is sent again at restart. Adapters whose provider takes
+//! an idempotency key pass the request's key, which closes the window.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use rand::Rng as _;
+use switchboard_core::bus::Outgoing;
+use switchboard_core::envelope::EnvelopeSchema;
+use switchboard_core::records::DeliverySchema;
+use switchboard_core::{
+    Bus, Channel, DeadLetter, Delivery, DeliveryError, DeliveryState, Direction, Envelope,
+    EventKind, Identity, IdentityKind, Outbound, OutboundMessage, OutboundRequest, Record,
+    Retryable, SendError, SendReceipt, ThreadHints, Topics, Trace, decode_outbound,
+};
+use switchboard_store::{
+    ConversationStatus, OutboundRecord, OutboundState, Store, StoreError, Tx, millis,
+};
+use tokio::sync::{Semaphore, watch};
+use uuid::Uuid;
+
+use crate::route::{RouteError, Router};
+use crate::service::{OutboxPublisher, PipelineError, retry_bus};
+
+/// The consumer group reading `outbound.v1`.
+pub const DISPATCH_GROUP: &str = "switchboard-dispatcher";
+
+/// How a channel retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles each time.
+    pub initial_backoff: Duration,
+    /// Longest delay between attempts (a provider's Retry-After included).
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `attempt` (1-based): the provider's
+    /// advice if it gave one, else `initial × 2^(attempt−1)` with equal
+    /// jitter (between half and all of it), capped at `max_backoff`.
+    pub fn delay(&self, attempt: u32, error: &SendError) -> Duration {
+        if let Some(after) = error.retry_after() {
+            return after.min(self.max_backoff);
+        }
+        let exp = self
+            .initial_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+            .min(self.max_backoff);
+        let half = exp / 2;
+        let jitter_ms = rand::rng().random_range(0..=half.as_millis().max(1) as u64);
+        half + Duration::from_millis(jitter_ms)
+    }
+}
+
+/// What a channel rule sees.
+#[derive(Debug)]
+pub struct RuleContext<'a> {
+    /// The request.
+    pub request: &'a OutboundRequest,
+    /// The channel it will go out on.
+    pub channel: Channel,
+    /// When the customer last wrote on that channel, if ever.
+    pub last_inbound_at: Option<DateTime<Utc>>,
+    /// Now.
+    pub now: DateTime<Utc>,
+}
+
+/// A rule a channel imposes before anything is sent. A broken rule fails the
+/// request at once with the rule's reason.
+pub trait ChannelRule: Send + Sync + 'static {
+    /// Checks the request; `Err` carries the reason.
+    fn check(&self, ctx: &RuleContext<'_>) -> Result<(), String>;
+}
+
+/// WhatsApp's and Messenger's customer-service window: free-form replies
+/// only within `window` of the customer's last message; outside it, a
+/// template.
+#[derive(Debug, Clone, Copy)]
+pub struct CustomerServiceWindow {
+    /// The window (24 h on WhatsApp and Messenger).
+    pub window: Duration,
+}
+
+impl ChannelRule for CustomerServiceWindow {
+    fn check(&self, ctx: &RuleContext<'_>) -> Result<(), String> {
+        if ctx.request.template.is_some() {
+            return Ok(());
+        }
+        let hours = self.window.as_secs() / 3600;
+        match ctx.last_inbound_at {
+            Some(at)
+                if ctx.now - at <= chrono::Duration::from_std(self.window).unwrap_or_default() =>
+            {
+                Ok(())
+            }
+            Some(at) => Err(format!(
+                "outside the {hours} h customer-service window of {} (customer last wrote at {at}); send a template",
+                ctx.channel
+            )),
+            None => Err(format!(
+                "the customer never wrote on {}; outside its {hours} h customer-service window a template is required",
+                ctx.channel
+            )),
+        }
+    }
+}
+
+/// The dispatcher's settings.
+#[derive(Clone)]
+pub struct DispatchSettings {
+    /// Retry policy of channels without their own.
+    pub default_retry: RetryPolicy,
+    /// Per-channel retry policies.
+    pub retry: HashMap<Channel, RetryPolicy>,
+    /// Rules per channel.
+    pub rules: HashMap<Channel, Vec<Arc<dyn ChannelRule>>>,
+    /// Requests per batch.
+    pub batch: usize,
+    /// Sends in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        let window: Arc<dyn ChannelRule> = Arc::new(CustomerServiceWindow {
+            window: Duration::from_secs(24 * 3600),
+        });
+        DispatchSettings {
+            default_retry: RetryPolicy::default(),
+            retry: HashMap::new(),
+            rules: HashMap::from([
+                (Channel::Whatsapp, vec![Arc::clone(&window)]),
+                (Channel::Messenger, vec![window]),
+            ]),
+            batch: 64,
+            concurrency: 32,
+        }
+    }
+}
+
+impl std::fmt::Debug for DispatchSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ruled: Vec<_> = self.rules.keys().map(|c| c.as_str()).collect();
+        ruled.sort_unstable();
+        f.debug_struct("DispatchSettings")
+            .field("default_retry", &self.default_retry)
+            .field("retry", &self.retry)
+            .field("channels_with_rules", &ruled)
+            .field("batch", &self.batch)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+impl DispatchSettings {
+    fn retry_for(&self, channel: Channel) -> RetryPolicy {
+        self.retry
+            .get(&channel)
+            .copied()
+            .unwrap_or(self.default_retry)
+    }
+}
+
+/// The dispatcher's metrics.
+#[derive(Clone)]
+pub struct DispatchMetrics {
+    attempts: IntCounterVec,
+    requests: IntCounterVec,
+    send_seconds: HistogramVec,
+}
+
+impl DispatchMetrics {
+    /// Creates and registers them.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = DispatchMetrics {
+            attempts: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_outbound_attempts_total",
+                    "send attempts, by channel and outcome (sent, retry, failed)",
+                ),
+                &["channel", "outcome"],
+            )?,
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_outbound_requests_total",
+                    "outbound requests by channel and result (sent, failed, duplicate, resumed, invalid)",
+                ),
+                &["channel", "result"],
+            )?,
+            send_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "switchboard_outbound_send_seconds",
+                    "duration of one send attempt",
+                ),
+                &["channel"],
+            )?,
+        };
+        registry.register(Box::new(m.attempts.clone()))?;
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.send_seconds.clone()))?;
+        Ok(m)
+    }
+}
+
+/// A send decided in the preparing transaction.
+struct Job {
+    msg: OutboundMessage,
+    policy: RetryPolicy,
+    attempts_before: u32,
+    record: OutboundRecord,
+    /// Left `sending` by a crash and sent again.
+    resumed: bool,
+}
+
+enum Prepared {
+    /// Not a request: dead-letter it.
+    Dead(String),
+    /// Already sent or failed.
+    Done,
+    /// Failed before sending (a rule, no adapter); recorded already.
+    Failed(String),
+    /// To send.
+    Send(Box<Job>),
+}
+
+enum Sent {
+    Ok(SendReceipt, u32),
+    Err(SendError, u32),
+    /// Shutdown came during a retry wait: nothing recorded, resent at restart.
+    Interrupted,
+}
+
+/// The dispatcher.
+pub struct Dispatcher {
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    router: Router,
+    topics: Topics,
+    adapters: HashMap<Channel, Arc<dyn Outbound>>,
+    settings: DispatchSettings,
+    metrics: DispatchMetrics,
+    outbox: Arc<OutboxPublisher>,
+}
+
+impl Dispatcher {
+    /// Wires a dispatcher.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn Store>,
+        router: Router,
+        topics: Topics,
+        adapters: Vec<Arc<dyn Outbound>>,
+        settings: DispatchSettings,
+        metrics: DispatchMetrics,
+        outbox: Arc<OutboxPublisher>,
+    ) -> Self {
+        Dispatcher {
+            bus,
+            store,
+            router,
+            topics,
+            adapters: adapters.into_iter().map(|a| (a.channel(), a)).collect(),
+            settings,
+            metrics,
+            outbox,
+        }
+    }
+
+    /// Reads `outbound.v1` until `shutdown` turns true.
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        let mut consumer = self
+            .bus
+            .subscribe(&self.topics.outbound, DISPATCH_GROUP)
+            .await?;
+        self.outbox.flush().await?;
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let records = tokio::select! {
+                r = consumer.poll(self.settings.batch.max(1), Duration::from_millis(500)) => r,
+                _ = shutdown.changed() => continue,
+            };
+            let records = match records {
+                Ok(r) if r.is_empty() => continue,
+                Ok(r) => r,
+                Err(error) if error.retryable() => {
+                    tracing::warn!(%error, "outbound poll failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let complete = self.process(&records, &shutdown).await?;
+            if !complete {
+                // A send was interrupted by shutdown: leave the batch
+                // uncommitted so it resumes at the next start.
+                return Ok(());
+            }
+            let mut next: BTreeMap<u32, u64> = BTreeMap::new();
+            for r in &records {
+                let e = next.entry(r.partition).or_default();
+                *e = (*e).max(r.offset + 1);
+            }
+            let offsets: Vec<(u32, u64)> = next.into_iter().collect();
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match consumer.commit(&offsets).await {
+                    Ok(()) => break,
+                    Err(error) if error.retryable() => {
+                        tracing::warn!(%error, "outbound offset commit failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+    }
+
+    /// Dispatches one batch; false if shutdown interrupted a send.
+    async fn process(
+        &self,
+        records: &[Record],
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, PipelineError> {
+        let prepared = self.prepare(records).await?;
+        let mut dead: Vec<(usize, String)> = Vec::new();
+        let mut jobs: Vec<(usize, Box<Job>)> = Vec::new();
+        for (i, p) in prepared.into_iter().enumerate() {
+            match p {
+                Prepared::Dead(reason) => dead.push((i, reason)),
+                Prepared::Failed(reason) => dead.push((i, reason)),
+                Prepared::Done => {}
+                Prepared::Send(job) => jobs.push((i, job)),
+            }
+        }
+        // Queued statuses go out before the sends start.
+        self.outbox.flush().await?;
+
+        let semaphore = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
+        let mut set = tokio::task::JoinSet::new();
+        for (i, job) in jobs {
+            let Some(adapter) = self.adapters.get(&job.msg.channel).cloned() else {
+                continue;
+            };
+            let semaphore = Arc::clone(&semaphore);
+            let metrics = self.metrics.clone();
+            let shutdown = shutdown.clone();
+            set.spawn(async move {
+                let _permit = semaphore.acquire_owned().await;
+                let sent = send_with_retries(&*adapter, &job, &metrics, shutdown).await;
+                (i, job, sent)
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(r) => results.push(r),
+                Err(e) => tracing::error!(error = %e, "send task failed"),
+            }
+        }
+        let interrupted = results
+            .iter()
+            .any(|(_, _, s)| matches!(s, Sent::Interrupted));
+
+        let failed = self.finish(results).await?;
+        dead.extend(failed);
+        if !dead.is_empty() {
+            let letters: Vec<Outgoing> = dead
+                .iter()
+                .map(|(i, reason)| {
+                    let r = &records[*i];
+                    let letter = DeadLetter::for_record(r, DISPATCH_GROUP, reason.clone(), false);
+                    Outgoing {
+                        topic: self.topics.dlq.clone(),
+                        key: r.key.clone(),
+                        payload: serde_json::to_vec(&letter).unwrap_or_default(),
+                    }
+                })
+                .collect();
+            retry_bus(|| self.bus.publish_batch(letters.clone()), || {}).await?;
+        }
+        self.outbox.flush().await?;
+        Ok(!interrupted)
+    }
+
+    /// Step 1: one transaction recording what is about to be sent.
+    async fn prepare(&self, records: &[Record]) -> Result<Vec<Prepared>, PipelineError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let store = Arc::clone(&self.store);
+            let batch = records.to_vec();
+            let ctx = PrepareCtx {
+                router: self.router.clone(),
+                adapters: self.adapters.clone(),
+                settings: self.settings.clone(),
+            };
+            let res = tokio::task::spawn_blocking(move || ctx.prepare_batch(&*store, &batch))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));
+            match res {
+                Ok(prepared) => {
+                    for (p, r) in prepared.iter().zip(records) {
+                        let (channel, result) = match p {
+                            Prepared::Dead(_) => ("unknown".to_owned(), "invalid"),
+                            Prepared::Done => (channel_of(r), "duplicate"),
+                            Prepared::Failed(_) => (channel_of(r), "failed"),
+                            Prepared::Send(job) if job.resumed => {
+                                (job.msg.channel.to_string(), "resumed")
+                            }
+                            Prepared::Send(_) => continue,
+                        };
+                        self.metrics
+                            .requests
+                            .with_label_values(&[channel.as_str(), result])
+                            .inc();
+                    }
+                    return Ok(prepared);
+                }
+                Err(error) if error.retryable() => {
+                    tracing::warn!(%error, "store unavailable; retrying outbound batch");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Step 3: one transaction recording every result. Returns the failed
+    /// requests for the dead-letter topic.
+    async fn finish(
+        &self,
+        results: Vec<(usize, Box<Job>, Sent)>,
+    ) -> Result<Vec<(usize, String)>, PipelineError> {
+        let mut failed = Vec::new();
+        for (i, job, sent) in &results {
+            let channel = job.msg.channel.as_str();
+            match sent {
+                Sent::Ok(..) => self
+                    .metrics
+                    .requests
+                    .with_label_values(&[channel, "sent"])
+                    .inc(),
+                Sent::Err(e, _) => {
+                    self.metrics
+                        .requests
+                        .with_label_values(&[channel, "failed"])
+                        .inc();
+                    failed.push((*i, e.to_string()));
+                }
+                Sent::Interrupted => {}
+            }
+        }
+        let router = self.router.clone();
+        let mut delay = Duration::from_millis(50);
+        let results = Arc::new(results);
+        loop {
+            let store = Arc::clone(&self.store);
+            let router = router.clone();
+            let results = Arc::clone(&results);
+            let res =
+                tokio::task::spawn_blocking(move || record_results(&*store, &router, &results))
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));
+            match res {
+                Ok(()) => return Ok(failed),
+                Err(error) if error.retryable() => {
+                    tracing::warn!(%error, "store unavailable; retrying send results");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+fn channel_of(r: &Record) -> String {
+    serde_json::from_slice::<serde_json::Value>(&r.payload)
+        .ok()
+        .and_then(|v| v.get("channel").and_then(|c| c.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "auto".to_owned())
+}
+
+async fn send_with_retries(
+    adapter: &dyn Outbound,
+    job: &Job,
+    metrics: &DispatchMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> Sent {
+    let channel = job.msg.channel.as_str();
+    let mut attempt = job.attempts_before;
+    loop {
+        attempt += 1;
+        let mut msg = job.msg.clone();
+        msg.attempt = attempt;
+        let started = Instant::now();
+        let res = adapter.send(&msg).await;
+        metrics
+            .send_seconds
+            .with_label_values(&[channel])
+            .observe(started.elapsed().as_secs_f64());
+        match res {
+            Ok(receipt) => {
+                metrics.attempts.with_label_values(&[channel, "sent"]).inc();
+                tracing::info!(
+                    message_id = %msg.message_id, key = %msg.idempotency_key, channel, attempt,
+                    provider_message_id = receipt.provider_message_id.as_deref().unwrap_or(""),
+                    "message sent"
+                );
+                return Sent::Ok(receipt, attempt);
+            }
+            Err(error) if error.retryable() && attempt < job.policy.max_attempts => {
+                metrics
+                    .attempts
+                    .with_label_values(&[channel, "retry"])
+                    .inc();
+                let wait = job.policy.delay(attempt, &error);
+                tracing::warn!(
+                    message_id = %msg.message_id, key = %msg.idempotency_key, channel, attempt,
+                    %error, wait_ms = wait.as_millis() as u64, "send failed; will retry"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return Sent::Interrupted,
+                }
+            }
+            Err(error) => {
+                metrics
+                    .attempts
+                    .with_label_values(&[channel, "failed"])
+                    .inc();
+                tracing::warn!(
+                    message_id = %msg.message_id, key = %msg.idempotency_key, channel, attempt,
+                    %error, retryable = error.retryable(), "send failed for good"
+                );
+                return Sent::Err(error, attempt);
+            }
+        }
+    }
+}
+
+struct PrepareCtx {
+    router: Router,
+    adapters: HashMap<Channel, Arc<dyn Outbound>>,
+    settings: DispatchSettings,
+}
+
+/// The channel that an identity's kind is reached on.
+fn channel_for(kind: IdentityKind) -> Channel {
+    match kind {
+        IdentityKind::Email => Channel::Email,
+        IdentityKind::Phone => Channel::Sms,
+        IdentityKind::Whatsapp => Channel::Whatsapp,
+        IdentityKind::MessengerPsid => Channel::Messenger,
+        IdentityKind::InstagramIgsid => Channel::Instagram,
+        IdentityKind::TelegramUser => Channel::Telegram,
+        IdentityKind::External => Channel::Api,
+    }
+}
+
+/// The identity kind a channel reaches.
+fn kind_for(channel: Channel) -> IdentityKind {
+    match channel {
+        Channel::Email => IdentityKind::Email,
+        Channel::Sms => IdentityKind::Phone,
+        Channel::Whatsapp => IdentityKind::Whatsapp,
+        Channel::Messenger => IdentityKind::MessengerPsid,
+        Channel::Instagram => IdentityKind::InstagramIgsid,
+        Channel::Telegram => IdentityKind::TelegramUser,
+        Channel::Api => IdentityKind::External,
+    }
+}
+
+impl PrepareCtx {
+    fn prepare_batch(
+        &self,
+        store: &dyn Store,
+        records: &[Record],
+    ) -> Result<Vec<Prepared>, StoreError> {
+        let mut tx = store.begin()?;
+        let now = Utc::now();
+        let mut out = Vec::with_capacity(records.len());
+        let mut seen_in_batch = std::collections::HashSet::new();
+        for record in records {
+            let req = match decode_outbound(&record.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.push(Prepared::Dead(e.to_string()));
+                    continue;
+                }
+            };
+            if !seen_in_batch.insert(req.idempotency_key.clone()) {
+                out.push(Prepared::Done);
+                continue;
+            }
+            tx.savepoint()?;
+            match self.prepare_one(&mut *tx, &req, &record.payload, now) {
+                Ok(p) => {
+                    tx.release_savepoint()?;
+                    out.push(p);
+                }
+                Err(RouteError::Store(e)) if e.retryable() => return Err(e),
+                Err(e) => {
+                    tx.rollback_to_savepoint()?;
+                    out.push(Prepared::Dead(e.to_string()));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn prepare_one(
+        &self,
+        tx: &mut dyn Tx,
+        req: &OutboundRequest,
+        raw: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Prepared, RouteError> {
+        if let Some(existing) = tx.outbound(&req.idempotency_key)? {
+            return match existing.state {
+                OutboundState::Sent | OutboundState::Failed => Ok(Prepared::Done),
+                OutboundState::Sending => self.resume(tx, existing),
+            };
+        }
+        let rejected = RouteError::Rejected;
+
+        // Whom, where, from which account.
+        let (customer, conversation) = match (req.conversation_id, req.customer_id, &req.to) {
+            (Some(id), _, _) => {
+                let conv = tx
+                    .conversation(id)?
+                    .ok_or_else(|| rejected(format!("unknown conversation {id}")))?;
+                let customer = tx
+                    .resolve_customer(conv.customer_id)?
+                    .ok_or_else(|| rejected(format!("conversation {id} has no customer")))?;
+                (customer, Some(conv))
+            }
+            (None, Some(id), _) => {
+                let customer = tx
+                    .resolve_customer(id)?
+                    .ok_or_else(|| rejected(format!("unknown customer {id}")))?;
+                (customer, None)
+            }
+            (None, None, Some(to)) => match tx.owner_of(to)? {
+                Some(c) => (c, None),
+                None => {
+                    let c = Uuid::now_v7();
+                    let at = millis(now);
+                    tx.create_customer(c, at)?;
+                    tx.attach_identity(to, c, "named as a recipient", at)?;
+                    self.router.emit_event(
+                        tx,
+                        c,
+                        at,
+                        EventKind::CustomerCreated {
+                            identity: to.clone(),
+                        },
+                    )?;
+                    (c, None)
+                }
+            },
+            (None, None, None) => return Err(rejected("no recipient".into())),
+        };
+        if tx.is_erased(customer)? {
+            return Err(rejected(format!("customer {customer} was erased")));
+        }
+        let conv_id = conversation.as_ref().map(|c| c.id);
+        let last_here = match &conversation {
+            Some(c) => tx.last_inbound(customer, Some(c.id), None)?,
+            None => None,
+        };
+        let channel = req
+            .channel
+            .or(req.to.as_ref().map(|t| channel_for(t.kind)))
+            .or(last_here.as_ref().map(|l| l.channel))
+            .or(conversation
+                .as_ref()
+                .map(|c| c.last_inbound_channel.unwrap_or(c.channel)))
+            .or(tx.last_inbound(customer, None, None)?.map(|l| l.channel))
+            .ok_or_else(|| rejected(format!("customer {customer} never wrote; name a channel")))?;
+        let last_on_channel = match conv_id {
+            Some(id) => match tx.last_inbound(customer, Some(id), Some(channel))? {
+                Some(l) => Some(l),
+                None => tx.last_inbound(customer, None, Some(channel))?,
+            },
+            None => tx.last_inbound(customer, None, Some(channel))?,
+        };
+        let to: Identity = match (&req.to, &last_on_channel) {
+            (Some(to), _) => to.clone(),
+            (None, Some(l)) => l.from.clone(),
+            (None, None) => tx
+                .identities_of(customer)?
+                .into_iter()
+                .find(|i| i.kind == kind_for(channel))
+                .ok_or_else(|| {
+                    rejected(format!(
+                        "customer {customer} has no {} identity",
+                        kind_for(channel)
+                    ))
+                })?,
+        };
+        let adapter = self.adapters.get(&channel);
+        let account = req
+            .account
+            .clone()
+            .or(last_on_channel.as_ref().map(|l| l.account.clone()))
+            .or(conversation
+                .as_ref()
+                .filter(|c| c.channel == channel)
+                .map(|c| c.account.clone()))
+            .or(adapter.and_then(|a| a.default_account()));
+
+        // The conversation: the one named, else the customer's open one on
+        // this channel account, else a new one.
+        let conversation = match (conversation, &account) {
+            (Some(c), _) => Some(c),
+            (None, Some(acct)) => tx
+                .latest_conversation(customer, Some((channel, acct)), None)?
+                .filter(|c| c.status == ConversationStatus::Open),
+            (None, None) => None,
+        };
+
+        // Anything that stops the send before it starts fails the request
+        // now, with the reason, on the stored message.
+        let mut problem: Option<String> = None;
+        let sender = match (adapter, &account) {
+            (None, _) => {
+                problem = Some(format!("no adapter is configured for channel {channel}"));
+                None
+            }
+            (Some(_), None) => {
+                problem = Some(format!("no account to send from on channel {channel}"));
+                None
+            }
+            (Some(a), Some(acct)) => match a.sender(acct) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    problem = Some(e.to_string());
+                    None
+                }
+            },
+        };
+        if problem.is_none() {
+            let ctx = RuleContext {
+                request: req,
+                channel,
+                last_inbound_at: last_on_channel
+                    .as_ref()
+                    .map(|l| switchboard_store::from_millis(l.at)),
+                now,
+            };
+            for rule in self.settings.rules.get(&channel).into_iter().flatten() {
+                if let Err(reason) = rule.check(&ctx) {
+                    problem = Some(reason);
+                    break;
+                }
+            }
+        }
+        let account = account.unwrap_or_default();
+        let from = sender.unwrap_or_else(|| Identity {
+            kind: kind_for(channel),
+            value: if account.is_empty() {
+                "unconfigured".into()
+            } else {
+                account.clone()
+            },
+        });
+        let message_id = req.message_id.unwrap_or_else(Uuid::now_v7);
+        let env = Envelope {
+            schema: EnvelopeSchema::V1,
+            id: message_id,
+            idempotency_key: format!("outbound:{}", req.idempotency_key),
+            channel,
+            provider: "switchboard".into(),
+            account: if account.is_empty() {
+                "-".into()
+            } else {
+                account.clone()
+            },
+            direction: Direction::Outbound,
+            from: from.clone(),
+            to: to.clone(),
+            sent_at: None,
+            received_at: now,
+            subject: req.subject.clone(),
+            text: req.text.clone(),
+            attachments: req.attachments.clone(),
+            thread_hints: ThreadHints::default(),
+            provider_raw: None,
+            trace: Trace::default(),
+        };
+        let status = if problem.is_some() {
+            "failed"
+        } else {
+            "queued"
+        };
+        let conversation_id =
+            self.router
+                .record_outbound(tx, &env, customer, conversation, status)?;
+        let at = millis(now);
+        let record = OutboundRecord {
+            idempotency_key: req.idempotency_key.clone(),
+            message_id,
+            conversation_id,
+            customer_id: customer,
+            channel,
+            account: env.account.clone(),
+            to: to.clone(),
+            state: if problem.is_some() {
+                OutboundState::Failed
+            } else {
+                OutboundState::Sending
+            },
+            attempts: 0,
+            provider_message_id: None,
+            error: problem.clone(),
+            created_at: at,
+            updated_at: at,
+        };
+        let raw = String::from_utf8_lossy(raw);
+        tx.put_outbound(&record, &raw)?;
+        let delivery = |status, error: Option<DeliveryError>| Delivery {
+            schema: DeliverySchema::V1,
+            id: Uuid::now_v7(),
+            message_id,
+            conversation_id,
+            idempotency_key: req.idempotency_key.clone(),
+            channel,
+            status,
+            at: now,
+            provider_message_id: None,
+            attempt: None,
+            error,
+        };
+        if let Some(reason) = problem {
+            self.router.emit_delivery(
+                tx,
+                &delivery(
+                    DeliveryState::Failed,
+                    Some(DeliveryError {
+                        reason: reason.clone(),
+                        code: None,
+                        retryable: false,
+                    }),
+                ),
+            )?;
+            return Ok(Prepared::Failed(reason));
+        }
+        self.router
+            .emit_delivery(tx, &delivery(DeliveryState::Queued, None))?;
+        let msg = OutboundMessage {
+            message_id,
+            idempotency_key: req.idempotency_key.clone(),
+            conversation_id,
+            customer_id: customer,
+            channel,
+            account: env.account.clone(),
+            from,
+            to,
+            subject: req.subject.clone(),
+            text: req.text.clone(),
+            attachments: req.attachments.clone(),
+            template: req.template.clone(),
+            attempt: 0,
+        };
+        Ok(Prepared::Send(Box::new(Job {
+            msg,
+            policy: self.settings.retry_for(channel),
+            attempts_before: 0,
+            record,
+            resumed: false,
+        })))
+    }
+
+    /// A request left `sending` by a crash: send it again, as recorded.
+    fn resume(&self, tx: &mut dyn Tx, record: OutboundRecord) -> Result<Prepared, RouteError> {
+        let raw = tx
+            .outbound_request(&record.idempotency_key)?
+            .ok_or_else(|| RouteError::Rejected("outbound record without its request".into()))?;
+        let req =
+            decode_outbound(raw.as_bytes()).map_err(|e| RouteError::Rejected(e.to_string()))?;
+        let Some(adapter) = self.adapters.get(&record.channel) else {
+            return Err(RouteError::Rejected(format!(
+                "no adapter is configured for channel {}",
+                record.channel
+            )));
+        };
+        let from = adapter
+            .sender(&record.account)
+            .map_err(|e| RouteError::Rejected(e.to_string()))?;
+        tracing::warn!(
+            key = %record.idempotency_key, message_id = %record.message_id, channel = %record.channel,
+            idempotent_provider = adapter.idempotent(),
+            "resending a request interrupted by a crash; the provider may already have it"
+        );
+        let msg = OutboundMessage {
+            message_id: record.message_id,
+            idempotency_key: record.idempotency_key.clone(),
+            conversation_id: record.conversation_id,
+            customer_id: record.customer_id,
+            channel: record.channel,
+            account: record.account.clone(),
+            from,
+            to: record.to.clone(),
+            subject: req.subject,
+            text: req.text,
+            attachments: req.attachments,
+            template: req.template,
+            attempt: 0,
+        };
+        Ok(Prepared::Send(Box::new(Job {
+            msg,
+            policy: self.settings.retry_for(record.channel),
+            attempts_before: record.attempts,
+            record,
+            resumed: true,
+        })))
+    }
+}
+
+fn record_results(
+    store: &dyn Store,
+    router: &Router,
+    results: &[(usize, Box<Job>, Sent)],
+) -> Result<(), StoreError> {
+    let mut tx = store.begin()?;
+    let now = Utc::now();
+    for (_, job, sent) in results {
+        let (state, attempts, provider_id, error) = match sent {
+            Sent::Ok(receipt, attempts) => (
+                OutboundState::Sent,
+                *attempts,
+                receipt.provider_message_id.clone(),
+                None,
+            ),
+            Sent::Err(e, attempts) => (OutboundState::Failed, *attempts, None, Some(e.clone())),
+            Sent::Interrupted => continue,
+        };
+        let record = OutboundRecord {
+            state,
+            attempts,
+            provider_message_id: provider_id.clone(),
+            error: error.as_ref().map(ToString::to_string),
+            updated_at: millis(now),
+            ..job.record.clone()
+        };
+        tx.put_outbound(&record, "")?;
+        let delivery = Delivery {
+            schema: DeliverySchema::V1,
+            id: Uuid::now_v7(),
+            message_id: record.message_id,
+            conversation_id: record.conversation_id,
+            idempotency_key: record.idempotency_key.clone(),
+            channel: record.channel,
+            status: if error.is_some() {
+                DeliveryState::Failed
+            } else {
+                DeliveryState::Sent
+            },
+            at: now,
+            provider_message_id: provider_id,
+            attempt: Some(attempts),
+            error: error.as_ref().map(|e| DeliveryError {
+                reason: e.to_string(),
+                code: e.code(),
+                retryable: e.retryable(),
+            }),
+        };
+        let res = router.emit_delivery(&mut *tx, &delivery).and_then(|()| {
+            if error.is_none() {
+                router.emit_event(
+                    &mut *tx,
+                    record.customer_id,
+                    millis(now),
+                    EventKind::MessageSent {
+                        message_id: record.message_id,
+                        conversation_id: record.conversation_id,
+                        channel: record.channel,
+                    },
+                )
+            } else {
+                Ok(())
+            }
+        });
+        match res {
+            Ok(()) => {}
+            Err(RouteError::Store(e)) => return Err(e),
+            Err(RouteError::Rejected(reason)) => return Err(StoreError::Rejected(reason)),
+        }
+    }
+    tx.commit()
+}
