@@ -161,7 +161,16 @@ pub fn decode_outbound(bytes: &[u8]) -> Result<OutboundRequest, DecodeError> {
 
 /// Decodes a command.
 pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
-    decode(bytes, records::CommandSchema::NAME)
+    let cmd: Command = decode(bytes, records::CommandSchema::NAME)?;
+    if let CommandKind::MessageStatus { status, .. } = &cmd.kind
+        && matches!(status, DeliveryState::Queued | DeliveryState::Sent)
+    {
+        return Err(DecodeError::Invalid {
+            field: "status".into(),
+            reason: "a reported status is delivered, read or failed".into(),
+        });
+    }
+    Ok(cmd)
 }
 
 /// Whether an error is worth retrying. Every boundary error in Switchboard

@@ -412,6 +412,21 @@ pub enum CommandKind {
         /// The conversation.
         conversation_id: Uuid,
     },
+    /// A later status of one of our messages, reported by the receiving
+    /// side (the api channel's receiver, a provider callback).
+    #[serde(rename = "message.status")]
+    MessageStatus {
+        /// Switchboard's id of the outbound message.
+        message_id: Uuid,
+        /// `delivered`, `read` or `failed`.
+        status: DeliveryState,
+        /// The provider's id for the message, if it gave one.
+        #[serde(default)]
+        provider_message_id: Option<String>,
+        /// Why, for `failed`.
+        #[serde(default)]
+        error: Option<DeliveryError>,
+    },
     /// Erase a customer's messages and identities, leaving a tombstone.
     #[serde(rename = "customer.erase")]
     CustomerErase {

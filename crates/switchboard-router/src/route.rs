@@ -243,6 +243,15 @@ impl Router {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
         tx.set_message_status(delivery.message_id, &status)?;
+        self.push_delivery(tx, delivery)
+    }
+
+    /// Writes a delivery status to the outbox without touching the message.
+    fn push_delivery(
+        &self,
+        tx: &mut dyn Tx,
+        delivery: &switchboard_core::Delivery,
+    ) -> Result<(), RouteError> {
         let payload =
             serde_json::to_vec(delivery).map_err(|e| StoreError::Rejected(e.to_string()))?;
         tx.push_outbox(
@@ -588,6 +597,39 @@ impl Router {
                     )?;
                 }
             }
+            CommandKind::MessageStatus {
+                message_id,
+                status,
+                provider_message_id,
+                error,
+            } => {
+                let record = tx.outbound_by_message(*message_id)?.ok_or_else(|| {
+                    RouteError::Rejected(format!("no outbound message {message_id}"))
+                })?;
+                let delivery = switchboard_core::Delivery {
+                    schema: switchboard_core::records::DeliverySchema::V1,
+                    id: Uuid::now_v7(),
+                    message_id: *message_id,
+                    conversation_id: record.conversation_id,
+                    idempotency_key: record.idempotency_key.clone(),
+                    channel: record.channel,
+                    status: *status,
+                    at: cmd.at,
+                    provider_message_id: provider_message_id
+                        .clone()
+                        .or(record.provider_message_id.clone()),
+                    attempt: None,
+                    error: error.clone(),
+                };
+                // The event always goes out; the stored status only moves
+                // forward (a late "delivered" does not undo "read").
+                let current = tx.message_status(*message_id)?;
+                if status_rank(current.as_deref()) < status_rank(Some(status_name(*status))) {
+                    self.emit_delivery(tx, &delivery)?;
+                } else {
+                    self.push_delivery(tx, &delivery)?;
+                }
+            }
             CommandKind::CustomerErase { customer_id } => {
                 let Some(id) = tx.resolve_customer(*customer_id)? else {
                     return Err(RouteError::Rejected(format!(
@@ -679,6 +721,31 @@ impl Router {
             }
         }
         Ok(())
+    }
+}
+
+fn status_name(s: switchboard_core::DeliveryState) -> &'static str {
+    use switchboard_core::DeliveryState::*;
+    match s {
+        Queued => "queued",
+        Sent => "sent",
+        Delivered => "delivered",
+        Read => "read",
+        Failed => "failed",
+    }
+}
+
+/// How far along a status is; `failed` after `sent` is news, after `read`
+/// it is not.
+fn status_rank(s: Option<&str>) -> u8 {
+    match s {
+        None => 0,
+        Some("queued") => 1,
+        Some("sent") => 2,
+        Some("failed") => 3,
+        Some("delivered") => 4,
+        Some("read") => 5,
+        Some(_) => 0,
     }
 }
 

@@ -469,5 +469,6 @@ fn command_name(cmd: &Command) -> &'static str {
         ConversationResolve { .. } => "conversation.resolve",
         ConversationReopen { .. } => "conversation.reopen",
         CustomerErase { .. } => "customer.erase",
+        MessageStatus { .. } => "message.status",
     }
 }

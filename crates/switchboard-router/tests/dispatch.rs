@@ -564,3 +564,68 @@ impl Outbound for Hang {
         std::future::pending().await
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_statuses_reach_delivery_and_only_move_forward() {
+    use switchboard_core::records::CommandSchema;
+    use switchboard_core::{Command, CommandKind};
+    let fx = start(vec![Arc::new(Scripted::default())]).await;
+    let (_, conv) = fx.inbound(Channel::Api, "external:contact-4", 1);
+    fx.request(reply("s1", conv)).await;
+    fx.settle().await;
+    let message_id = fx.store.outbound_by_key("s1").unwrap().unwrap().message_id;
+    for status in [DeliveryState::Read, DeliveryState::Delivered] {
+        let cmd = Command {
+            schema: CommandSchema::V1,
+            id: Uuid::now_v7(),
+            at: chrono::Utc::now(),
+            kind: CommandKind::MessageStatus {
+                message_id,
+                status,
+                provider_message_id: None,
+                error: None,
+            },
+        };
+        let mut tx = fx.store.begin().unwrap();
+        fx.router.apply(&mut *tx, &cmd).unwrap();
+        tx.commit().unwrap();
+    }
+    OutboxPublisher::new(fx.bus.clone(), fx.store.clone())
+        .flush()
+        .await
+        .unwrap();
+    let ds = fx.deliveries("s1").await;
+    assert_eq!(
+        states(&ds),
+        [
+            DeliveryState::Queued,
+            DeliveryState::Sent,
+            DeliveryState::Read,
+            DeliveryState::Delivered
+        ]
+    );
+    assert_eq!(ds[2].provider_message_id.as_deref(), Some("prov-s1"));
+    let (_, msgs) = fx.store.conversation(conv).unwrap().unwrap();
+    let msg = msgs.iter().find(|m| m.id == message_id).unwrap();
+    assert_eq!(
+        msg.status.as_deref(),
+        Some("read"),
+        "a late delivered does not undo read"
+    );
+    let unknown = Command {
+        schema: CommandSchema::V1,
+        id: Uuid::now_v7(),
+        at: chrono::Utc::now(),
+        kind: CommandKind::MessageStatus {
+            message_id: Uuid::now_v7(),
+            status: DeliveryState::Read,
+            provider_message_id: None,
+            error: None,
+        },
+    };
+    let mut tx = fx.store.begin().unwrap();
+    let err = fx.router.apply(&mut *tx, &unknown).unwrap_err();
+    assert!(err.to_string().starts_with("no outbound message"), "{err}");
+    drop(tx);
+    fx.stop().await;
+}

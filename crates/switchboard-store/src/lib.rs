@@ -165,6 +165,13 @@ pub trait Tx {
     /// Stores or updates the record of a request; `request` (the request as
     /// received, JSON) is kept from the first write.
     fn put_outbound(&mut self, record: &OutboundRecord, request: &str) -> Result<(), StoreError>;
+    /// The dispatcher's record of the request that sent a message.
+    fn outbound_by_message(
+        &mut self,
+        message_id: Uuid,
+    ) -> Result<Option<OutboundRecord>, StoreError>;
+    /// A message's delivery status.
+    fn message_status(&mut self, message_id: Uuid) -> Result<Option<String>, StoreError>;
     /// The request as received, for a record.
     fn outbound_request(&mut self, key: &str) -> Result<Option<String>, StoreError>;
     /// The customer's latest inbound message, optionally within one

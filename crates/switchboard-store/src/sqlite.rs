@@ -860,6 +860,32 @@ impl Tx for SqliteTx<'_> {
         .map(drop)
     }
 
+    fn outbound_by_message(
+        &mut self,
+        message_id: Uuid,
+    ) -> Result<Option<OutboundRecord>, StoreError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {OUTBOUND_COLS} FROM outbound WHERE message_id = ?1"
+            ))
+            .and_then(|mut s| {
+                s.query_row([message_id.to_string()], outbound_row)
+                    .optional()
+            })
+            .map_err(unavailable)
+    }
+
+    fn message_status(&mut self, message_id: Uuid) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT status FROM messages WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([message_id.to_string()], |r| r.get(0))
+                    .optional()
+            })
+            .map(Option::flatten)
+            .map_err(unavailable)
+    }
+
     fn outbound_request(&mut self, key: &str) -> Result<Option<String>, StoreError> {
         self.conn
             .prepare_cached("SELECT request FROM outbound WHERE idempotency_key = ?1")

@@ -92,6 +92,7 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/inbound", post(post_inbound))
         .route("/commands", post(post_command))
         .route("/messages", post(post_message))
+        .route("/messages/{id}/status", post(post_status))
         .route("/customers", get(get_customer))
         .route("/customers/{id}/timeline", get(get_timeline))
         .route("/conversations/{id}", get(get_conversation))
@@ -288,6 +289,7 @@ async fn post_command(
         CommandKind::ConversationResolve { conversation_id }
         | CommandKind::ConversationReopen { conversation_id } => conversation_id.to_string(),
         CommandKind::CustomerErase { customer_id } => customer_id.to_string(),
+        CommandKind::MessageStatus { message_id, .. } => message_id.to_string(),
     };
     let payload = match serde_json::to_vec(&cmd) {
         Ok(p) => p,
@@ -370,6 +372,93 @@ async fn post_message(
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             resp
         }
+    }
+}
+
+/// A status report for one of our messages, from the system that received
+/// it (the api channel's counterpart).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusReport {
+    status: switchboard_core::DeliveryState,
+    #[serde(default)]
+    at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    provider_message_id: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn post_status(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = require_json(&headers) {
+        return e.into_response();
+    }
+    let message_id = match parse_uuid(&id, "message_id") {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let report: StatusReport =
+        match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body)) {
+            Ok(r) => r,
+            Err(e) => {
+                let field = e.path().to_string();
+                let field = if field.is_empty() || field == "." {
+                    "status".to_owned()
+                } else {
+                    field
+                };
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    e.into_inner().to_string(),
+                    Some(&field),
+                );
+            }
+        };
+    let error_detail = (report.status == switchboard_core::DeliveryState::Failed).then(|| {
+        switchboard_core::DeliveryError {
+            reason: report
+                .reason
+                .clone()
+                .unwrap_or_else(|| "reported failed".into()),
+            code: None,
+            retryable: false,
+        }
+    });
+    let cmd = serde_json::json!({
+        "schema": switchboard_core::records::CommandSchema::NAME,
+        "at": report.at.unwrap_or_else(chrono::Utc::now),
+        "type": "message.status",
+        "message_id": message_id,
+        "status": report.status,
+        "provider_message_id": report.provider_message_id,
+        "error": error_detail,
+    });
+    let cmd = match decode_command(&serde_json::to_vec(&cmd).unwrap_or_default()) {
+        Ok(c) => c,
+        Err(e) => return decode_error(&e),
+    };
+    // Published with its id, so a redelivery is recognised.
+    let payload = serde_json::to_vec(&cmd).unwrap_or_default();
+    match state
+        .bus
+        .publish(
+            &state.topics.commands,
+            message_id.to_string().as_bytes(),
+            payload,
+        )
+        .await
+    {
+        Ok(_) => (StatusCode::ACCEPTED, Json(json!({ "id": cmd.id }))).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not accepted: {e}"),
+            None,
+        ),
     }
 }
 
