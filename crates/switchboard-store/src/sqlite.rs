@@ -205,6 +205,22 @@ impl SqliteStore {
     fn read(&self) -> MutexGuard<'_, Connection> {
         self.reader.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Runs reads in one read transaction, so they all see the same
+    /// committed state (a page never lists a message whose conversation
+    /// committed after the conversations were read).
+    fn snapshot<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let conn = self.read();
+        conn.execute_batch("BEGIN DEFERRED").map_err(unavailable)?;
+        let res = f(&conn);
+        let end = conn.execute_batch(if res.is_ok() { "COMMIT" } else { "ROLLBACK" });
+        let value = res.map_err(unavailable)?;
+        end.map_err(unavailable)?;
+        Ok(value)
+    }
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -393,24 +409,24 @@ impl Store for SqliteStore {
     }
 
     fn customer(&self, id: Uuid) -> Result<Option<Customer>, StoreError> {
-        load_customer(&self.read(), id).map_err(unavailable)
+        self.snapshot(|conn| load_customer(conn, id))
     }
 
     fn customer_by_identity(&self, identity: &Identity) -> Result<Option<Customer>, StoreError> {
-        let conn = self.read();
-        let owner: Option<Uuid> = conn
-            .prepare_cached("SELECT customer_id FROM identities WHERE kind = ?1 AND value = ?2")
-            .and_then(|mut s| {
-                s.query_row(params![identity.kind.as_str(), identity.value], |r| {
+        self.snapshot(|conn| {
+            let owner: Option<Uuid> = conn
+                .prepare_cached(
+                    "SELECT customer_id FROM identities WHERE kind = ?1 AND value = ?2",
+                )?
+                .query_row(params![identity.kind.as_str(), identity.value], |r| {
                     uuid_col(r, 0)
                 })
-                .optional()
-            })
-            .map_err(unavailable)?;
-        match owner {
-            Some(id) => load_customer(&conn, id).map_err(unavailable),
-            None => Ok(None),
-        }
+                .optional()?;
+            match owner {
+                Some(id) => load_customer(conn, id),
+                None => Ok(None),
+            }
+        })
     }
 
     fn timeline(
@@ -419,8 +435,7 @@ impl Store for SqliteStore {
         after: Option<Cursor>,
         limit: usize,
     ) -> Result<Option<Timeline>, StoreError> {
-        let conn = self.read();
-        let run = || -> rusqlite::Result<Option<Timeline>> {
+        self.snapshot(|conn| -> rusqlite::Result<Option<Timeline>> {
             let Some(customer_id) = follow_merges(&conn, customer)? else {
                 return Ok(None);
             };
@@ -461,35 +476,34 @@ impl Store for SqliteStore {
                 messages,
                 next_cursor,
             }))
-        };
-        run().map_err(unavailable)
+        })
     }
 
     fn conversation(
         &self,
         id: Uuid,
     ) -> Result<Option<(Conversation, Vec<StoredMessage>)>, StoreError> {
-        let conn = self.read();
-        let run = || -> rusqlite::Result<Option<(Conversation, Vec<StoredMessage>)>> {
-            let Some(conv) = conn
-                .prepare_cached(&format!(
-                    "SELECT {CONVERSATION_COLS} FROM conversations WHERE id = ?1"
-                ))?
-                .query_row([id.to_string()], conversation_row)
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            let messages = conn
-                .prepare_cached(&format!(
-                    "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = ?1 \
+        self.snapshot(
+            |conn| -> rusqlite::Result<Option<(Conversation, Vec<StoredMessage>)>> {
+                let Some(conv) = conn
+                    .prepare_cached(&format!(
+                        "SELECT {CONVERSATION_COLS} FROM conversations WHERE id = ?1"
+                    ))?
+                    .query_row([id.to_string()], conversation_row)
+                    .optional()?
+                else {
+                    return Ok(None);
+                };
+                let messages = conn
+                    .prepare_cached(&format!(
+                        "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = ?1 \
                      ORDER BY received_at, seq"
-                ))?
-                .query_map([id.to_string()], message_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Some((conv, messages)))
-        };
-        run().map_err(unavailable)
+                    ))?
+                    .query_map([id.to_string()], message_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(Some((conv, messages)))
+            },
+        )
     }
 
     fn outbound_by_key(&self, key: &str) -> Result<Option<OutboundRecord>, StoreError> {
