@@ -436,7 +436,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Option<Timeline>, StoreError> {
         self.snapshot(|conn| -> rusqlite::Result<Option<Timeline>> {
-            let Some(customer_id) = follow_merges(&conn, customer)? else {
+            let Some(customer_id) = follow_merges(conn, customer)? else {
                 return Ok(None);
             };
             let cid = customer_id.to_string();
