@@ -244,6 +244,8 @@ struct Job {
     record: OutboundRecord,
     /// Left `sending` by a crash and sent again.
     resumed: bool,
+    /// The record the request came in, for the dead-letter topic.
+    source: Record,
 }
 
 enum Prepared {
@@ -368,7 +370,14 @@ impl Dispatcher {
         for (i, p) in prepared.into_iter().enumerate() {
             match p {
                 Prepared::Dead(reason) => dead.push((i, reason)),
-                Prepared::Failed(reason) => dead.push((i, reason)),
+                // Recorded, with its dead letter in the outbox.
+                Prepared::Failed(reason) => {
+                    let r = &records[i];
+                    tracing::warn!(
+                        partition = r.partition, offset = r.offset, %reason,
+                        "outbound request failed before sending"
+                    );
+                }
                 Prepared::Done => {}
                 Prepared::Send(job) => jobs.push((i, job)),
             }
@@ -402,8 +411,7 @@ impl Dispatcher {
             .iter()
             .any(|(_, _, s)| matches!(s, Sent::Interrupted));
 
-        let failed = self.finish(results).await?;
-        dead.extend(failed);
+        self.finish(results).await?;
         if !dead.is_empty() {
             let letters: Vec<Outgoing> = dead
                 .iter()
@@ -430,6 +438,7 @@ impl Dispatcher {
             let store = Arc::clone(&self.store);
             let batch = records.to_vec();
             let ctx = PrepareCtx {
+                dlq: self.topics.dlq.clone(),
                 router: self.router.clone(),
                 adapters: self.adapters.clone(),
                 settings: self.settings.clone(),
@@ -466,14 +475,10 @@ impl Dispatcher {
         }
     }
 
-    /// Step 3: one transaction recording every result. Returns the failed
-    /// requests for the dead-letter topic.
-    async fn finish(
-        &self,
-        results: Vec<(usize, Box<Job>, Sent)>,
-    ) -> Result<Vec<(usize, String)>, PipelineError> {
-        let mut failed = Vec::new();
-        for (i, job, sent) in &results {
+    /// Step 3: one transaction recording every result; failed requests'
+    /// dead letters go into the outbox with them.
+    async fn finish(&self, results: Vec<(usize, Box<Job>, Sent)>) -> Result<(), PipelineError> {
+        for (_, job, sent) in &results {
             let channel = job.msg.channel.as_str();
             match sent {
                 Sent::Ok(..) => self
@@ -481,29 +486,28 @@ impl Dispatcher {
                     .requests
                     .with_label_values(&[channel, "sent"])
                     .inc(),
-                Sent::Err(e, _) => {
-                    self.metrics
-                        .requests
-                        .with_label_values(&[channel, "failed"])
-                        .inc();
-                    failed.push((*i, e.to_string()));
-                }
+                Sent::Err(..) => self
+                    .metrics
+                    .requests
+                    .with_label_values(&[channel, "failed"])
+                    .inc(),
                 Sent::Interrupted => {}
             }
         }
-        let router = self.router.clone();
         let mut delay = Duration::from_millis(50);
         let results = Arc::new(results);
         loop {
             let store = Arc::clone(&self.store);
-            let router = router.clone();
+            let router = self.router.clone();
             let results = Arc::clone(&results);
-            let res =
-                tokio::task::spawn_blocking(move || record_results(&*store, &router, &results))
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));
+            let dlq = self.topics.dlq.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                record_results(&*store, &router, &dlq, &results)
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));
             match res {
-                Ok(()) => return Ok(failed),
+                Ok(()) => return Ok(()),
                 Err(error) if error.retryable() => {
                     tracing::warn!(%error, "store unavailable; retrying send results");
                     tokio::time::sleep(delay).await;
@@ -513,6 +517,19 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// Queues the dead letter of a failed request in the transaction that
+/// records the failure, so a crash cannot lose it.
+fn push_dead_letter(
+    tx: &mut dyn Tx,
+    dlq: &str,
+    source: &Record,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let letter = DeadLetter::for_record(source, DISPATCH_GROUP, reason.to_owned(), false);
+    let payload = serde_json::to_vec(&letter).map_err(|e| StoreError::Rejected(e.to_string()))?;
+    tx.push_outbox(dlq, &source.key, &payload)
 }
 
 fn channel_of(r: &Record) -> String {
@@ -581,6 +598,7 @@ async fn send_with_retries(
 }
 
 struct PrepareCtx {
+    dlq: String,
     router: Router,
     adapters: HashMap<Channel, Arc<dyn Outbound>>,
     settings: DispatchSettings,
@@ -635,7 +653,7 @@ impl PrepareCtx {
                 continue;
             }
             tx.savepoint()?;
-            match self.prepare_one(&mut *tx, &req, &record.payload, now) {
+            match self.prepare_one(&mut *tx, &req, record, now) {
                 Ok(p) => {
                     tx.release_savepoint()?;
                     out.push(p);
@@ -655,13 +673,13 @@ impl PrepareCtx {
         &self,
         tx: &mut dyn Tx,
         req: &OutboundRequest,
-        raw: &[u8],
+        source: &Record,
         now: DateTime<Utc>,
     ) -> Result<Prepared, RouteError> {
         if let Some(existing) = tx.outbound(&req.idempotency_key)? {
             return match existing.state {
                 OutboundState::Sent | OutboundState::Failed => Ok(Prepared::Done),
-                OutboundState::Sending => self.resume(tx, existing),
+                OutboundState::Sending => self.resume(tx, existing, source),
             };
         }
         let rejected = RouteError::Rejected;
@@ -859,7 +877,7 @@ impl PrepareCtx {
             created_at: at,
             updated_at: at,
         };
-        let raw = String::from_utf8_lossy(raw);
+        let raw = String::from_utf8_lossy(&source.payload);
         tx.put_outbound(&record, &raw)?;
         let delivery = |status, error: Option<DeliveryError>| Delivery {
             schema: DeliverySchema::V1,
@@ -886,6 +904,7 @@ impl PrepareCtx {
                     }),
                 ),
             )?;
+            push_dead_letter(tx, &self.dlq, source, &reason)?;
             return Ok(Prepared::Failed(reason));
         }
         self.router
@@ -911,11 +930,17 @@ impl PrepareCtx {
             attempts_before: 0,
             record,
             resumed: false,
+            source: source.clone(),
         })))
     }
 
     /// A request left `sending` by a crash: send it again, as recorded.
-    fn resume(&self, tx: &mut dyn Tx, record: OutboundRecord) -> Result<Prepared, RouteError> {
+    fn resume(
+        &self,
+        tx: &mut dyn Tx,
+        record: OutboundRecord,
+        source: &Record,
+    ) -> Result<Prepared, RouteError> {
         let raw = tx
             .outbound_request(&record.idempotency_key)?
             .ok_or_else(|| RouteError::Rejected("outbound record without its request".into()))?;
@@ -956,6 +981,7 @@ impl PrepareCtx {
             attempts_before: record.attempts,
             record,
             resumed: true,
+            source: source.clone(),
         })))
     }
 }
@@ -963,6 +989,7 @@ impl PrepareCtx {
 fn record_results(
     store: &dyn Store,
     router: &Router,
+    dlq: &str,
     results: &[(usize, Box<Job>, Sent)],
 ) -> Result<(), StoreError> {
     let mut tx = store.begin()?;
@@ -1028,6 +1055,9 @@ fn record_results(
             Ok(()) => {}
             Err(RouteError::Store(e)) => return Err(e),
             Err(RouteError::Rejected(reason)) => return Err(StoreError::Rejected(reason)),
+        }
+        if let Some(e) = &error {
+            push_dead_letter(&mut *tx, dlq, &job.source, &e.to_string())?;
         }
     }
     tx.commit()
