@@ -23,5 +23,9 @@
 #![warn(missing_docs)]
 
 mod embedded;
+#[cfg(feature = "kafka")]
+mod kafka;
 
 pub use embedded::{DEFAULT_MAX_BATCH, DEFAULT_PARTITIONS, EmbeddedBus, EmbeddedConfig};
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaBus, KafkaConfig};

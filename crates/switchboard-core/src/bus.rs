@@ -125,6 +125,9 @@ pub trait Consumer: Send {
 pub struct Topics {
     /// Normalized inbound envelopes, keyed by sender identity.
     pub inbound: String,
+    /// The same envelopes after identity resolution, keyed by customer id
+    /// (used when several instances share the work).
+    pub routed: String,
     /// Requests to send, keyed by conversation or customer.
     pub outbound: String,
     /// Router events, keyed by customer.
@@ -142,6 +145,7 @@ impl Topics {
     pub fn with_prefix(prefix: &str) -> Self {
         Topics {
             inbound: format!("{prefix}inbound.v1"),
+            routed: format!("{prefix}routed.v1"),
             outbound: format!("{prefix}outbound.v1"),
             events: format!("{prefix}events.v1"),
             delivery: format!("{prefix}delivery.v1"),
@@ -151,9 +155,10 @@ impl Topics {
     }
 
     /// Every topic name.
-    pub fn all(&self) -> [&str; 6] {
+    pub fn all(&self) -> [&str; 7] {
         [
             &self.inbound,
+            &self.routed,
             &self.outbound,
             &self.events,
             &self.delivery,

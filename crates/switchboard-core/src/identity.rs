@@ -155,9 +155,21 @@ impl Identity {
         Identity::new(kind.parse()?, value)
     }
 
-    /// The `kind:value` form, used as the partition key on `inbound.v1`.
+    /// The `kind:value` form.
     pub fn key(&self) -> String {
         format!("{}:{}", self.kind, self.value)
+    }
+
+    /// The partition key on `inbound.v1`. Identities that link by
+    /// themselves share one (a phone number and the WhatsApp id of the same
+    /// number are both `tel:+E164`), so the first messages of both are
+    /// resolved in order by one consumer and cannot race into two customers.
+    pub fn partition_key(&self) -> String {
+        if self.kind.is_phone_number() {
+            format!("tel:{}", self.value)
+        } else {
+            self.key()
+        }
     }
 }
 
@@ -272,6 +284,10 @@ mod tests {
     fn parses_kind_value_and_deserializes_normalized() {
         let id = Identity::parse("email:Bob@X.io").unwrap();
         assert_eq!(id.key(), "email:bob@x.io");
+        assert_eq!(id.partition_key(), "email:bob@x.io");
+        let sms = Identity::parse("phone:+1 415 555 0100").unwrap();
+        let wa = Identity::parse("whatsapp:14155550100").unwrap();
+        assert_eq!(sms.partition_key(), wa.partition_key());
         assert!(Identity::parse("fax:123").is_err());
         assert!(Identity::parse("nocolon").is_err());
         let id: Identity =

@@ -31,7 +31,8 @@ pub use dispatch::{
 pub use policy::{ChannelPolicy, Policy};
 pub use route::{RouteError, Routed, Router};
 pub use service::{
-    COMMANDS_GROUP, INBOUND_GROUP, OutboxPublisher, Pipeline, PipelineError, RouterMetrics,
+    COMMANDS_GROUP, IDENTITY_GROUP, INBOUND_GROUP, OutboxPublisher, Pipeline, PipelineError,
+    RouterMetrics,
 };
 
 #[cfg(test)]

@@ -343,6 +343,25 @@ impl Router {
         })
     }
 
+    /// Identity resolution alone (the first stage when work is re-keyed by
+    /// customer): the customer the envelope belongs to, created if new.
+    /// Idempotent: a stored message answers with its customer.
+    pub fn resolve(&self, tx: &mut dyn Tx, env: &Envelope) -> Result<Uuid, RouteError> {
+        if let Some(found) = tx.message_by_key(&env.idempotency_key)? {
+            return Ok(found.customer_id);
+        }
+        let mut events = Events {
+            topic: &self.events_topic,
+            out: Vec::new(),
+        };
+        self.resolve_identity(
+            tx,
+            env.customer_identity(),
+            millis(env.received_at),
+            &mut events,
+        )
+    }
+
     /// Finds or creates the customer owning `identity`, linking a phone
     /// number and a WhatsApp id of the same number.
     fn resolve_identity(

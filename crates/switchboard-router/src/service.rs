@@ -19,6 +19,9 @@ use crate::route::{RouteError, Routed, Router};
 
 /// The consumer group routing `inbound.v1`.
 pub const INBOUND_GROUP: &str = "switchboard-router";
+/// The consumer group resolving identities on `inbound.v1` when work is
+/// re-keyed by customer.
+pub const IDENTITY_GROUP: &str = "switchboard-identity";
 /// The consumer group applying `commands.v1`.
 pub const COMMANDS_GROUP: &str = "switchboard-commands";
 
@@ -111,12 +114,18 @@ pub struct Pipeline {
     metrics: RouterMetrics,
     batch: usize,
     outbox: Arc<OutboxPublisher>,
+    rekey: bool,
 }
 
 /// What happened to one record of a batch.
 enum Outcome {
     Routed(Routed),
     Applied(&'static str),
+    /// Identity resolved: republish keyed by customer.
+    Resolved {
+        customer: uuid::Uuid,
+        payload: Vec<u8>,
+    },
     Dead(String),
 }
 
@@ -141,19 +150,52 @@ impl Pipeline {
             topics,
             metrics,
             batch: batch.max(1),
+            rekey: false,
         }
     }
 
-    /// Routes `inbound.v1` until `shutdown` turns true, finishing the batch
-    /// in hand first.
-    pub async fn run_inbound(
+    /// Re-keys work by customer before threading: identities are resolved
+    /// on `inbound.v1` ([`Pipeline::run_identity`]), the envelopes are
+    /// republished to `routed.v1` keyed by customer id, and
+    /// [`Pipeline::run_inbound`] threads from there, so one customer's
+    /// messages are threaded by one consumer, in order, however many
+    /// instances share the group.
+    pub fn with_rekey(mut self, rekey: bool) -> Self {
+        self.rekey = rekey;
+        self
+    }
+
+    /// Whether work is re-keyed by customer.
+    pub fn rekeys(&self) -> bool {
+        self.rekey
+    }
+
+    /// Resolves identities on `inbound.v1` and republishes each envelope to
+    /// `routed.v1` keyed by its customer, until `shutdown` turns true.
+    pub async fn run_identity(
         self: Arc<Self>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(), PipelineError> {
         let consumer = self
             .bus
-            .subscribe(&self.topics.inbound, INBOUND_GROUP)
+            .subscribe(&self.topics.inbound, IDENTITY_GROUP)
             .await?;
+        self.run_loop(consumer, IDENTITY_GROUP, shutdown, Kind::Identity)
+            .await
+    }
+
+    /// Routes `inbound.v1` (or `routed.v1` when re-keying) until `shutdown`
+    /// turns true, finishing the batch in hand first.
+    pub async fn run_inbound(
+        self: Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        let topic = if self.rekey {
+            &self.topics.routed
+        } else {
+            &self.topics.inbound
+        };
+        let consumer = self.bus.subscribe(topic, INBOUND_GROUP).await?;
         self.run_loop(consumer, INBOUND_GROUP, shutdown, Kind::Inbound)
             .await
     }
@@ -216,6 +258,7 @@ impl Pipeline {
         let outcomes = self.store_batch(records, kind).await?;
 
         let mut dead = Vec::new();
+        let mut rekeyed = Vec::new();
         let now_ms = chrono::Utc::now().timestamp_millis();
         for (record, outcome) in records.iter().zip(&outcomes) {
             match outcome {
@@ -231,6 +274,11 @@ impl Pipeline {
                 Outcome::Applied(name) => {
                     self.metrics.commands.with_label_values(&[name]).inc();
                 }
+                Outcome::Resolved { customer, payload } => rekeyed.push(Outgoing {
+                    topic: self.topics.routed.clone(),
+                    key: customer.to_string().into_bytes(),
+                    payload: payload.clone(),
+                }),
                 Outcome::Dead(reason) => {
                     tracing::warn!(
                         topic = %record.topic, partition = record.partition, offset = record.offset,
@@ -255,6 +303,10 @@ impl Pipeline {
                 .inc_by(n);
         }
         self.flush_outbox().await?;
+        if !rekeyed.is_empty() {
+            self.retry_bus(|| self.bus.publish_batch(rekeyed.clone()))
+                .await?;
+        }
 
         let mut next: BTreeMap<u32, u64> = BTreeMap::new();
         for r in records {
@@ -398,6 +450,7 @@ impl OutboxPublisher {
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
+    Identity,
     Inbound,
     Commands,
 }
@@ -413,7 +466,7 @@ fn route_batch(
     let mut outcomes = Vec::with_capacity(records.len());
     for record in records {
         let decoded: Result<Decoded, String> = match kind {
-            Kind::Inbound => decode_envelope(&record.payload)
+            Kind::Inbound | Kind::Identity => decode_envelope(&record.payload)
                 .map(|e| Decoded::Envelope(Box::new(e)))
                 .map_err(|e| e.to_string()),
             Kind::Commands => decode_command(&record.payload)
@@ -429,6 +482,13 @@ fn route_batch(
         };
         tx.savepoint()?;
         let res = match &decoded {
+            Decoded::Envelope(env) if matches!(kind, Kind::Identity) => {
+                router.resolve(&mut *tx, env).and_then(|customer| {
+                    serde_json::to_vec(&**env)
+                        .map(|payload| Outcome::Resolved { customer, payload })
+                        .map_err(|e| RouteError::Rejected(e.to_string()))
+                })
+            }
             Decoded::Envelope(env) => router.route(&mut *tx, env).map(Outcome::Routed),
             Decoded::Command(cmd) => router
                 .apply(&mut *tx, cmd)

@@ -68,6 +68,8 @@ pub struct RawHttp {
     pub tokens: Vec<String>,
     /// File of tokens.
     pub tokens_file: String,
+    /// How long a write waits for the bus.
+    pub publish_timeout: String,
 }
 
 /// `[bus]`.
@@ -82,6 +84,33 @@ pub struct RawBus {
     pub partitions: u32,
     /// Group-commit size.
     pub max_batch: usize,
+    /// Kafka settings.
+    pub kafka: RawKafka,
+}
+
+/// `[bus.kafka]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// bootstrap.servers.
+    pub brokers: String,
+    /// Replication factor.
+    pub replication: i32,
+    /// Publish acknowledgement timeout.
+    pub publish_timeout: String,
+    /// librdkafka pass-through.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+/// `[store.postgres]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    /// Connection URL.
+    pub url: String,
+    /// Pool size.
+    pub pool_size: u32,
 }
 
 /// `[store]`.
@@ -92,6 +121,8 @@ pub struct RawStore {
     pub backend: String,
     /// SQLite file.
     pub sqlite_path: String,
+    /// PostgreSQL settings.
+    pub postgres: RawPostgres,
 }
 
 /// `[router]`.
@@ -209,6 +240,50 @@ pub struct RawShutdown {
     pub drain_timeout: String,
 }
 
+/// The bus backend.
+#[derive(Debug, Clone)]
+pub enum BusBackend {
+    /// The embedded log under `data_dir/bus`.
+    Embedded,
+    /// Kafka.
+    Kafka {
+        /// bootstrap.servers.
+        brokers: String,
+        /// Replication factor for `topics create`.
+        replication: i32,
+        /// Publish acknowledgement timeout.
+        publish_timeout: Duration,
+        /// librdkafka pass-through (dotted names).
+        options: BTreeMap<String, String>,
+    },
+}
+
+/// The store backend.
+#[derive(Clone)]
+pub enum StoreBackend {
+    /// SQLite at this path.
+    Sqlite(PathBuf),
+    /// PostgreSQL.
+    Postgres {
+        /// Connection URL (may hold a password: never printed).
+        url: String,
+        /// Pool size.
+        pool_size: u32,
+    },
+}
+
+impl std::fmt::Debug for StoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreBackend::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+            StoreBackend::Postgres { pool_size, .. } => f
+                .debug_struct("Postgres")
+                .field("pool_size", pool_size)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -229,14 +304,18 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Bearer tokens (from the list and the file).
     pub tokens: Vec<String>,
+    /// How long a write waits for the bus.
+    pub publish_timeout: Duration,
+    /// The bus backend.
+    pub bus: BusBackend,
+    /// The store backend.
+    pub store: StoreBackend,
     /// Topic prefix.
     pub topic_prefix: String,
     /// Partitions per topic.
     pub partitions: u32,
     /// Group-commit size.
     pub bus_max_batch: usize,
-    /// SQLite history path.
-    pub sqlite_path: PathBuf,
     /// Records per routing transaction.
     pub router_batch: usize,
     /// Threading policy.
@@ -395,15 +474,41 @@ impl RawConfig {
                 "every token must be at least 16 characters".into(),
             );
         }
-        if self.bus.backend != "embedded" {
-            problem(
-                "bus.backend",
-                format!(
-                    "{:?} is not available in this build (embedded)",
-                    self.bus.backend
-                ),
-            );
-        }
+        let kafka_timeout = parse_duration(&self.bus.kafka.publish_timeout)
+            .map_err(|e| problem("bus.kafka.publish_timeout", e))
+            .unwrap_or_default();
+        let bus = match self.bus.backend.as_str() {
+            "embedded" => BusBackend::Embedded,
+            "kafka" => {
+                if self.bus.kafka.brokers.trim().is_empty() {
+                    problem("bus.kafka.brokers", "must name at least one broker".into());
+                }
+                if self.bus.kafka.replication < 1 {
+                    problem("bus.kafka.replication", "must be at least 1".into());
+                }
+                BusBackend::Kafka {
+                    brokers: self.bus.kafka.brokers.clone(),
+                    replication: self.bus.kafka.replication,
+                    publish_timeout: kafka_timeout,
+                    // librdkafka names have dots, never underscores, so an
+                    // underscore (all the environment can carry) is a dot.
+                    options: self
+                        .bus
+                        .kafka
+                        .options
+                        .iter()
+                        .map(|(k, v)| (k.replace('_', "."), v.clone()))
+                        .collect(),
+                }
+            }
+            other => {
+                problem(
+                    "bus.backend",
+                    format!("{other:?} is not \"embedded\" or \"kafka\""),
+                );
+                BusBackend::Embedded
+            }
+        };
         if !(1..=1024).contains(&self.bus.partitions) {
             problem("bus.partitions", "must be between 1 and 1024".into());
         }
@@ -421,15 +526,33 @@ impl RawConfig {
                 "may hold only letters, digits, '.', '_' and '-'".into(),
             );
         }
-        if self.store.backend != "sqlite" {
-            problem(
-                "store.backend",
-                format!(
-                    "{:?} is not available in this build (sqlite)",
-                    self.store.backend
-                ),
-            );
-        }
+        let store = match self.store.backend.as_str() {
+            "sqlite" => StoreBackend::Sqlite(data_dir.join(&self.store.sqlite_path)),
+            "postgres" => {
+                if !(self.store.postgres.url.starts_with("postgres://")
+                    || self.store.postgres.url.starts_with("postgresql://"))
+                {
+                    problem("store.postgres.url", "must be a postgres:// URL".into());
+                }
+                if self.store.postgres.pool_size == 0 {
+                    problem("store.postgres.pool_size", "must be at least 1".into());
+                }
+                StoreBackend::Postgres {
+                    url: self.store.postgres.url.clone(),
+                    pool_size: self.store.postgres.pool_size,
+                }
+            }
+            other => {
+                problem(
+                    "store.backend",
+                    format!("{other:?} is not \"sqlite\" or \"postgres\""),
+                );
+                StoreBackend::Sqlite(data_dir.join(&self.store.sqlite_path))
+            }
+        };
+        let publish_timeout = parse_duration(&self.http.publish_timeout)
+            .map_err(|e| problem("http.publish_timeout", e))
+            .unwrap_or_default();
         if self.router.batch == 0 {
             problem("router.batch", "must be at least 1".into());
         }
@@ -660,16 +783,17 @@ impl RawConfig {
             problems.dedup();
             return Err(ConfigError::Invalid(problems));
         }
-        let sqlite_path = data_dir.join(&self.store.sqlite_path);
         Ok(Config {
             data_dir,
             listen: listen.expect("checked above"),
             max_body_bytes: self.http.max_body_bytes as usize,
             tokens,
+            publish_timeout,
+            bus,
+            store,
             topic_prefix: self.bus.topic_prefix.clone(),
             partitions: self.bus.partitions,
             bus_max_batch: self.bus.max_batch,
-            sqlite_path,
             router_batch: self.router.batch,
             policy,
             log_format,
@@ -750,7 +874,11 @@ mod tests {
         };
         let cfg = load(None, &e, &flags).unwrap().validate().unwrap();
         assert_eq!(cfg.listen.port(), 9100);
-        assert_eq!(cfg.sqlite_path, PathBuf::from("/tmp/sb/history.sqlite3"));
+        assert!(
+            matches!(&cfg.store, StoreBackend::Sqlite(p) if p == &PathBuf::from("/tmp/sb/history.sqlite3")),
+            "{:?}",
+            cfg.store
+        );
     }
 
     #[test]

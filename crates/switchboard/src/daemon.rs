@@ -1,14 +1,17 @@
 //! Wiring: opens the bus and the store, starts the router loops and the
 //! HTTP listener, and drains on a signal.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use prometheus::Registry;
-use std::collections::HashMap;
 use switchboard_bus::{EmbeddedBus, EmbeddedConfig};
 use switchboard_core::{Bus, Topics};
+
+use crate::config::{BusBackend, StoreBackend};
 
 use switchboard_api::{ApiAccount, ApiChannel};
 use switchboard_core::Outbound;
@@ -39,34 +42,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
 
-    let mut bus_cfg = EmbeddedConfig::new(cfg.data_dir.join("bus"));
-    bus_cfg.partitions = cfg.partitions;
-    bus_cfg.max_batch = cfg.bus_max_batch;
-    let embedded = Arc::new(
-        EmbeddedBus::open(bus_cfg, &topics.all()).context("cannot open the embedded log")?,
-    );
-    let bus: Arc<dyn Bus> = embedded.clone();
-
-    let path = cfg.sqlite_path.clone();
-    let store: Arc<dyn Store> = Arc::new(
-        tokio::task::spawn_blocking(move || SqliteStore::open(&path))
-            .await?
-            .with_context(|| format!("cannot open the history {}", cfg.sqlite_path.display()))?,
-    );
+    let (bus, bus_handle) = open_bus(&cfg, &topics).await?;
+    let store = open_store(&cfg).await?;
 
     let registry = Registry::new();
     let router_metrics = RouterMetrics::register(&registry)?;
     let http_metrics = http::HttpMetrics::register(&registry)?;
     let router = Router::new(cfg.policy.clone(), topics.events.clone())
         .with_delivery_topic(topics.delivery.clone());
-    let pipeline = Arc::new(Pipeline::new(
-        Arc::clone(&bus),
-        Arc::clone(&store),
-        router.clone(),
-        topics.clone(),
-        router_metrics,
-        cfg.router_batch,
-    ));
+    let pipeline = Arc::new(
+        Pipeline::new(
+            Arc::clone(&bus),
+            Arc::clone(&store),
+            router.clone(),
+            topics.clone(),
+            router_metrics,
+            cfg.router_batch,
+        )
+        // Several instances share the work only on Kafka; there, threading is
+        // re-keyed by customer so no two instances thread one customer at once.
+        .with_rekey(matches!(cfg.bus, BusBackend::Kafka { .. })),
+    );
     let mut api_accounts = HashMap::new();
     for (name, acct) in &cfg.api_accounts {
         let url = acct
@@ -99,6 +95,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let inbound = tokio::spawn(Arc::clone(&pipeline).run_inbound(stop_rx.clone()));
     let commands = tokio::spawn(Arc::clone(&pipeline).run_commands(stop_rx.clone()));
     let dispatch = tokio::spawn(Arc::clone(&dispatcher).run(stop_rx.clone()));
+    let identity = if pipeline.rekeys() {
+        tokio::spawn(Arc::clone(&pipeline).run_identity(stop_rx.clone()))
+    } else {
+        tokio::spawn(async { Ok(()) })
+    };
 
     let state = Arc::new(http::AppState {
         bus: Arc::clone(&bus),
@@ -108,6 +109,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         registry,
         metrics: http_metrics,
         draining: AtomicBool::new(false),
+        publish_timeout: cfg.publish_timeout,
     });
     if cfg.tokens.is_empty() {
         tracing::warn!("no api tokens configured: every /v1 request will be refused with 401");
@@ -132,6 +134,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut inbound = inbound;
     let mut commands = commands;
     let mut dispatch = dispatch;
+    let mut identity = identity;
     // The server returns once a signal arrived and in-flight requests are
     // answered; a router loop that dies first is fatal.
     tokio::select! {
@@ -139,6 +142,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         res = &mut inbound => return Err(loop_failed("inbound router", res)),
         res = &mut commands => return Err(loop_failed("command", res)),
         res = &mut dispatch => return Err(loop_failed("dispatch", res)),
+        res = &mut identity, if pipeline.rekeys() => return Err(loop_failed("identity", res)),
     }
 
     stop_tx.send_replace(true);
@@ -146,12 +150,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let a = inbound.await;
         let b = commands.await;
         let c = dispatch.await;
-        (a, b, c)
+        let d = identity.await;
+        (a, b, c, d)
     })
     .await;
     match drained {
-        Ok((a, b, c)) => {
-            for (name, res) in [("inbound router", a), ("command", b), ("dispatch", c)] {
+        Ok((a, b, c, d)) => {
+            for (name, res) in [
+                ("inbound router", a),
+                ("command", b),
+                ("dispatch", c),
+                ("identity", d),
+            ] {
                 match res {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
@@ -169,7 +179,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "drain deadline passed; unfinished work will be redelivered at the next start"
         ),
     }
-    embedded.close().await;
+    bus_handle.close().await;
     tracing::info!("switchboard stopped");
     Ok(())
 }
@@ -198,5 +208,133 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// What to close at shutdown, by backend.
+pub enum BusHandle {
+    /// The embedded log: flush its writer and release the directory.
+    Embedded(Arc<EmbeddedBus>),
+    /// Kafka: wait for queued records to be acknowledged.
+    #[cfg(feature = "kafka")]
+    Kafka(switchboard_bus::KafkaBus),
+}
+
+impl BusHandle {
+    /// Closes the bus cleanly.
+    pub async fn close(&self) {
+        match self {
+            BusHandle::Embedded(e) => e.close().await,
+            #[cfg(feature = "kafka")]
+            BusHandle::Kafka(k) => k.flush(Duration::from_secs(10)).await,
+        }
+    }
+}
+
+/// Opens the configured bus. On Kafka, checks that every topic exists and
+/// names the missing ones.
+pub async fn open_bus(cfg: &Config, topics: &Topics) -> anyhow::Result<(Arc<dyn Bus>, BusHandle)> {
+    match &cfg.bus {
+        BusBackend::Embedded => {
+            let mut bus_cfg = EmbeddedConfig::new(cfg.data_dir.join("bus"));
+            bus_cfg.partitions = cfg.partitions;
+            bus_cfg.max_batch = cfg.bus_max_batch;
+            let embedded = Arc::new(
+                EmbeddedBus::open(bus_cfg, &topics.all())
+                    .context("cannot open the embedded log")?,
+            );
+            Ok((embedded.clone(), BusHandle::Embedded(embedded)))
+        }
+        #[cfg(feature = "kafka")]
+        BusBackend::Kafka { .. } => {
+            let kafka = connect_kafka(cfg)?;
+            kafka
+                .check_topics(&topics.all())
+                .await
+                .context("kafka is not ready for switchboard")?;
+            Ok((Arc::new(kafka.clone()), BusHandle::Kafka(kafka)))
+        }
+        #[cfg(not(feature = "kafka"))]
+        BusBackend::Kafka { .. } => {
+            anyhow::bail!("bus.backend = \"kafka\" needs a build with the kafka feature")
+        }
+    }
+}
+
+/// A Kafka client from the configuration.
+#[cfg(feature = "kafka")]
+pub fn connect_kafka(cfg: &Config) -> anyhow::Result<switchboard_bus::KafkaBus> {
+    let BusBackend::Kafka {
+        brokers,
+        publish_timeout,
+        options,
+        ..
+    } = &cfg.bus
+    else {
+        anyhow::bail!("bus.backend is not \"kafka\"");
+    };
+    let mut kc = switchboard_bus::KafkaConfig::new(brokers.clone());
+    kc.publish_timeout = *publish_timeout;
+    kc.options = options.clone();
+    Ok(switchboard_bus::KafkaBus::connect(kc)?)
+}
+
+/// Opens the configured store, applying migrations.
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match cfg.store.clone() {
+        StoreBackend::Sqlite(path) => {
+            let shown = path.display().to_string();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await?
+                .with_context(|| format!("cannot open the history {shown}"))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(feature = "postgres")]
+        StoreBackend::Postgres { url, pool_size } => {
+            let store = tokio::task::spawn_blocking(move || {
+                switchboard_store::PgStore::open(&url, pool_size)
+            })
+            .await?
+            .context("cannot open the postgresql history")?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "postgres"))]
+        StoreBackend::Postgres { .. } => {
+            anyhow::bail!("store.backend = \"postgres\" needs a build with the postgres feature")
+        }
+    }
+}
+
+/// `switchboard topics create`: what was done, one line each.
+pub async fn create_topics(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    let topics = Topics::with_prefix(&cfg.topic_prefix);
+    match &cfg.bus {
+        BusBackend::Embedded => Ok(vec![
+            "bus.backend is \"embedded\": the embedded log creates its topics at start; nothing to do".into(),
+        ]),
+        #[cfg(feature = "kafka")]
+        BusBackend::Kafka { replication, .. } => {
+            let kafka = connect_kafka(cfg)?;
+            let partitions = i32::try_from(cfg.partitions).unwrap_or(i32::MAX);
+            let created = kafka.create_topics(&topics.all(), partitions, *replication).await?;
+            let mut lines: Vec<String> = topics
+                .all()
+                .iter()
+                .map(|t| {
+                    if created.iter().any(|c| c == t) {
+                        format!("created {t} ({partitions} partitions, replication {replication})")
+                    } else {
+                        format!("exists  {t}")
+                    }
+                })
+                .collect();
+            kafka.check_topics(&topics.all()).await?;
+            lines.push("every topic is present".into());
+            Ok(lines)
+        }
+        #[cfg(not(feature = "kafka"))]
+        BusBackend::Kafka { .. } => {
+            anyhow::bail!("bus.backend = \"kafka\" needs a build with the kafka feature")
+        }
     }
 }

@@ -43,6 +43,8 @@ pub struct AppState {
     pub metrics: HttpMetrics,
     /// True while draining: `/readyz` answers 503.
     pub draining: AtomicBool,
+    /// How long a write waits for the bus.
+    pub publish_timeout: std::time::Duration,
 }
 
 /// HTTP metrics.
@@ -149,6 +151,35 @@ fn store_error(e: StoreError) -> Response {
     )
 }
 
+/// Publishes within the configured deadline; past it the caller gets 503
+/// with Retry-After (the record may still land: its idempotency key makes a
+/// retry harmless).
+async fn publish(
+    state: &AppState,
+    topic: &str,
+    key: &[u8],
+    payload: Vec<u8>,
+) -> Result<(), Response> {
+    let res = tokio::time::timeout(
+        state.publish_timeout,
+        state.bus.publish(topic, key, payload),
+    )
+    .await;
+    let reason = match res {
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(e)) => format!("not accepted: {e}"),
+        Err(_) => format!(
+            "not accepted: the bus did not acknowledge within {:?}",
+            state.publish_timeout
+        ),
+    };
+    tracing::warn!(topic, %reason, "publish failed");
+    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, reason, None);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    Err(resp)
+}
+
 /// Compares in time independent of where the strings differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -240,32 +271,16 @@ async fn post_inbound(
         Ok(p) => p,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
     };
-    let key = env.customer_identity().key();
-    match state
-        .bus
-        .publish(&state.topics.inbound, key.as_bytes(), payload)
-        .await
-    {
-        Ok(pos) => {
-            tracing::debug!(id = %env.id, key = %env.idempotency_key, position = %pos, "inbound accepted");
-            (
-                StatusCode::ACCEPTED,
-                Json(json!({ "id": env.id, "idempotency_key": env.idempotency_key })),
-            )
-                .into_response()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, key = %env.idempotency_key, "inbound publish failed");
-            let mut resp = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not accepted: {e}"),
-                None,
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            resp
-        }
+    let key = env.customer_identity().partition_key();
+    if let Err(resp) = publish(&state, &state.topics.inbound, key.as_bytes(), payload).await {
+        return resp;
     }
+    tracing::debug!(id = %env.id, key = %env.idempotency_key, "inbound accepted");
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": env.id, "idempotency_key": env.idempotency_key })),
+    )
+        .into_response()
 }
 
 async fn post_command(
@@ -295,18 +310,10 @@ async fn post_command(
         Ok(p) => p,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
     };
-    match state
-        .bus
-        .publish(&state.topics.commands, key.as_bytes(), payload)
-        .await
-    {
-        Ok(_) => (StatusCode::ACCEPTED, Json(json!({ "id": cmd.id }))).into_response(),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not accepted: {e}"),
-            None,
-        ),
+    if let Err(resp) = publish(&state, &state.topics.commands, key.as_bytes(), payload).await {
+        return resp;
     }
+    (StatusCode::ACCEPTED, Json(json!({ "id": cmd.id }))).into_response()
 }
 
 async fn post_message(
@@ -345,34 +352,21 @@ async fn post_message(
     let key = match (&req.conversation_id, &req.customer_id, &req.to) {
         (Some(c), _, _) => c.to_string(),
         (None, Some(c), _) => c.to_string(),
-        (None, None, Some(to)) => to.key(),
+        (None, None, Some(to)) => to.partition_key(),
         (None, None, None) => unreachable!("validated: one recipient"),
     };
     let payload = match serde_json::to_vec(&req) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
     };
-    match state
-        .bus
-        .publish(&state.topics.outbound, key.as_bytes(), payload)
-        .await
-    {
-        Ok(_) => (
-            StatusCode::ACCEPTED,
-            Json(json!({ "message_id": message_id, "idempotency_key": req.idempotency_key })),
-        )
-            .into_response(),
-        Err(e) => {
-            let mut resp = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not accepted: {e}"),
-                None,
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            resp
-        }
+    if let Err(resp) = publish(&state, &state.topics.outbound, key.as_bytes(), payload).await {
+        return resp;
     }
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "message_id": message_id, "idempotency_key": req.idempotency_key })),
+    )
+        .into_response()
 }
 
 /// A status report for one of our messages, from the system that received
@@ -444,22 +438,11 @@ async fn post_status(
     };
     // Published with its id, so a redelivery is recognised.
     let payload = serde_json::to_vec(&cmd).unwrap_or_default();
-    match state
-        .bus
-        .publish(
-            &state.topics.commands,
-            message_id.to_string().as_bytes(),
-            payload,
-        )
-        .await
-    {
-        Ok(_) => (StatusCode::ACCEPTED, Json(json!({ "id": cmd.id }))).into_response(),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not accepted: {e}"),
-            None,
-        ),
+    let key = message_id.to_string();
+    if let Err(resp) = publish(&state, &state.topics.commands, key.as_bytes(), payload).await {
+        return resp;
     }
+    (StatusCode::ACCEPTED, Json(json!({ "id": cmd.id }))).into_response()
 }
 
 #[derive(Deserialize)]

@@ -40,11 +40,27 @@ enum Cmd {
         /// The file; without it, the built-in defaults.
         path: Option<PathBuf>,
     },
+    /// Manages the Kafka topics.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsCmd,
+    },
     /// Writes the JSON Schemas and examples of every record to a directory.
     Schemas {
         /// Output directory.
         #[arg(long, default_value = "docs/schemas")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCmd {
+    /// Creates every topic that does not exist yet, with bus.partitions
+    /// partitions and bus.kafka.replication replicas.
+    Create {
+        /// Configuration file; without it, the built-in defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -71,6 +87,41 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("{e}");
                     ExitCode::from(78) // EX_CONFIG
+                }
+            }
+        }
+        Cmd::Topics {
+            action: TopicsCmd::Create { config },
+        } => {
+            let cfg = match config::load(config.as_deref(), &process_env(), &Overrides::default())
+                .and_then(|raw| raw.validate())
+            {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(78);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(daemon::create_topics(&cfg)) {
+                Ok(lines) => {
+                    for line in lines {
+                        println!("{line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
                 }
             }
         }
