@@ -540,6 +540,16 @@ impl Store for SqliteStore {
             .map_err(unavailable)
     }
 
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        self.snapshot(|conn| {
+            conn.query_row(
+                "SELECT NOT EXISTS (SELECT 1 FROM customers) AND NOT EXISTS (SELECT 1 FROM messages)",
+                [],
+                |r| r.get(0),
+            )
+        })
+    }
+
     fn ping(&self) -> Result<(), StoreError> {
         self.read()
             .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))

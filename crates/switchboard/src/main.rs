@@ -40,6 +40,16 @@ enum Cmd {
         /// The file; without it, the built-in defaults.
         path: Option<PathBuf>,
     },
+    /// Rebuilds the history from the retained topics into an empty store
+    /// (stop the daemon first).
+    Replay {
+        /// Configuration file; without it, the built-in defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory, overriding data_dir.
+        #[arg(long)]
+        data_dir: Option<String>,
+    },
     /// Manages the Kafka topics.
     Topics {
         #[command(subcommand)]
@@ -117,6 +127,42 @@ fn main() -> ExitCode {
                     for line in lines {
                         println!("{line}");
                     }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Replay { config, data_dir } => {
+            let overrides = Overrides {
+                listen: None,
+                data_dir,
+            };
+            let cfg = match config::load(config.as_deref(), &process_env(), &overrides)
+                .and_then(|raw| raw.validate())
+            {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(78);
+                }
+            };
+            daemon::init_tracing(&cfg);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(daemon::replay(&cfg)) {
+                Ok(summary) => {
+                    println!("{summary}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
