@@ -99,6 +99,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store answers (for `/readyz`).
     fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether the history holds nothing (no customer, no message); replay
+    /// rebuilds only into an empty store.
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        Err(StoreError::Rejected(
+            "this store cannot tell whether it is empty".into(),
+        ))
+    }
 }
 
 /// One write transaction. Dropped without [`Tx::commit`], it rolls back.
