@@ -37,7 +37,7 @@ async fn setup(name: &str, partitions: i32) -> Option<(KafkaBus, String)> {
     let bus = KafkaBus::connect(KafkaConfig::new(brokers)).unwrap();
     let topic = unique(name);
     let created = bus.create_topics(&[&topic], partitions, 1).await.unwrap();
-    assert_eq!(created, [topic.clone()]);
+    assert_eq!(created, std::slice::from_ref(&topic));
     Some((bus, topic))
 }
 

@@ -1,5 +1,7 @@
 //! Table-driven tests of identity resolution and threading against the real
-//! SQLite store.
+//! stores: SQLite always, PostgreSQL too when `SWITCHBOARD_TEST_POSTGRES`
+//! names a database (each case in a fresh schema; without it the PostgreSQL
+//! runs print a notice and pass, except under CI, where they fail).
 
 use std::collections::HashMap;
 
@@ -9,7 +11,7 @@ use switchboard_core::records::CommandSchema;
 use switchboard_core::{
     Channel, Command, CommandKind, Direction, Envelope, Identity, ThreadHints, ThreadRule, Trace,
 };
-use switchboard_store::{SqliteStore, Store};
+use switchboard_store::{PgTestSchema, SqliteStore, Store};
 use uuid::Uuid;
 
 use crate::{Policy, Routed, Router};
@@ -96,9 +98,17 @@ enum Expect {
     Identities(&'static str, usize),
 }
 
+/// The store a test runs on.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 struct Harness {
-    _dir: tempfile::TempDir,
-    store: SqliteStore,
+    /// Dropped before what it lives in (`_keep`).
+    store: Box<dyn Store>,
+    _keep: Box<dyn std::any::Any>,
     router: Router,
     t0: DateTime<Utc>,
     sent: HashMap<&'static str, Envelope>,
@@ -107,16 +117,31 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("history.sqlite3")).unwrap();
-        Harness {
-            _dir: dir,
+        Harness::on(Backend::Sqlite, "").expect("sqlite")
+    }
+
+    /// A harness on an empty store of `backend`, or `None` when PostgreSQL
+    /// is not configured (after a notice naming `test`).
+    fn on(backend: Backend, test: &str) -> Option<Self> {
+        let (store, keep): (Box<dyn Store>, Box<dyn std::any::Any>) = match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = SqliteStore::open(&dir.path().join("history.sqlite3")).unwrap();
+                (Box::new(store), Box::new(dir))
+            }
+            Backend::Postgres => {
+                let schema = PgTestSchema::from_env(test)?;
+                (Box::new(schema.open(2).unwrap()), Box::new(schema))
+            }
+        };
+        Some(Harness {
             store,
+            _keep: keep,
             router: Router::new(Policy::default(), "events"),
             t0: "2026-11-01T08:00:00Z".parse().unwrap(),
             sent: HashMap::new(),
             routed: HashMap::new(),
-        }
+        })
     }
 
     fn at(&self, hours: f64) -> DateTime<Utc> {
@@ -344,6 +369,15 @@ const BOB: &str = "email:bob@example.org";
 
 #[test]
 fn threading_and_identity_table() {
+    threading_and_identity_table_on(Backend::Sqlite);
+}
+
+#[test]
+fn threading_and_identity_table_postgres() {
+    threading_and_identity_table_on(Backend::Postgres);
+}
+
+fn threading_and_identity_table_on(backend: Backend) {
     use Channel::{Email, Sms, Whatsapp};
     use Expect::*;
     use Step::*;
@@ -581,7 +615,9 @@ fn threading_and_identity_table() {
         ),
     ];
     for (name, steps, expects) in cases {
-        let mut h = Harness::new();
+        let Some(mut h) = Harness::on(backend, "threading_and_identity_table") else {
+            return;
+        };
         for step in steps {
             h.run(step);
         }
@@ -593,7 +629,20 @@ fn threading_and_identity_table() {
 
 #[test]
 fn events_land_in_the_outbox_with_the_effect() {
-    let mut h = Harness::new();
+    events_land_in_the_outbox_with_the_effect_on(Harness::new());
+}
+
+#[test]
+fn events_land_in_the_outbox_with_the_effect_postgres() {
+    if let Some(h) = Harness::on(
+        Backend::Postgres,
+        "events_land_in_the_outbox_with_the_effect",
+    ) {
+        events_land_in_the_outbox_with_the_effect_on(h);
+    }
+}
+
+fn events_land_in_the_outbox_with_the_effect_on(mut h: Harness) {
     h.run(Step::Msg(m("a", Channel::Sms, ADA_PHONE, 0.0)));
     let outbox = h.store.outbox(100).unwrap();
     let types: Vec<String> = outbox
@@ -623,7 +672,20 @@ fn events_land_in_the_outbox_with_the_effect() {
 
 #[test]
 fn commands_apply_once_and_reject_the_impossible() {
-    let mut h = Harness::new();
+    commands_apply_once_and_reject_the_impossible_on(Harness::new());
+}
+
+#[test]
+fn commands_apply_once_and_reject_the_impossible_postgres() {
+    if let Some(h) = Harness::on(
+        Backend::Postgres,
+        "commands_apply_once_and_reject_the_impossible",
+    ) {
+        commands_apply_once_and_reject_the_impossible_on(h);
+    }
+}
+
+fn commands_apply_once_and_reject_the_impossible_on(mut h: Harness) {
     h.run(Step::Msg(m("a", Channel::Sms, ADA_PHONE, 0.0)));
     let conversation_id = h.conv("a");
     let cmd = Command {

@@ -13,6 +13,8 @@
 //! the questions the rules ask and stores the answers.
 
 pub mod model;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 
 use switchboard_core::{Channel, Identity, Retryable};
@@ -22,6 +24,8 @@ pub use model::{
     Conversation, ConversationStatus, Cursor, Customer, Erased, LastInbound, MessageRef, Millis,
     NewMessage, OutboundRecord, OutboundState, StoredMessage, Timeline, from_millis, millis,
 };
+#[cfg(feature = "postgres")]
+pub use postgres::{DEFAULT_OUTBOX_LEASE, PgStore, PgTestSchema, TEST_DATABASE_ENV};
 pub use sqlite::SqliteStore;
 
 /// Why a store operation failed.
