@@ -889,6 +889,111 @@ pub async fn stored_keys(
     Ok(counts)
 }
 
+// --- Outbound: POST /v1/messages and what follows it. ---
+
+/// An outbound request (`switchboard.outbound.v1`) replying in a
+/// conversation.
+pub fn outbound_request(key: &str, conversation_id: &str, text: &str) -> Value {
+    json!({
+        "schema": "switchboard.outbound.v1",
+        "idempotency_key": key,
+        "conversation_id": conversation_id,
+        "text": text,
+    })
+}
+
+impl Api {
+    /// `POST /v1/messages`.
+    pub async fn send_message(&self, request: &Value) -> anyhow::Result<Answer> {
+        self.post_json("/v1/messages", request).await
+    }
+
+    /// `POST /v1/messages/{id}/status`.
+    pub async fn report_status(&self, message_id: &str, report: &Value) -> anyhow::Result<Answer> {
+        self.post_json(&format!("/v1/messages/{message_id}/status"), report)
+            .await
+    }
+
+    /// Records on `commands.v1` not yet committed by the command loop,
+    /// summed over partitions, or `None` while `/metrics` shows no lag for
+    /// it.
+    pub async fn commands_lag(&self) -> anyhow::Result<Option<f64>> {
+        let text = self.metrics().await?;
+        let lags: Vec<f64> = metric_samples(&text, "switchboard_bus_lag")
+            .iter()
+            .filter(|(labels, _)| labels.contains("commands.v1") && labels.contains("commands"))
+            .map(|(_, v)| *v)
+            .collect();
+        Ok((!lags.is_empty()).then(|| lags.iter().sum()))
+    }
+
+    /// Waits until the command loop has committed everything on
+    /// `commands.v1`.
+    pub async fn wait_commands_applied(&self, deadline: Duration) {
+        wait_for("the commands lag to reach 0", deadline, || async {
+            Ok(self.commands_lag().await?.filter(|l| *l == 0.0))
+        })
+        .await;
+    }
+
+    /// The messages of conversation `id` (404 is an error).
+    pub async fn conversation_messages(&self, id: &str) -> anyhow::Result<Vec<Value>> {
+        let conv = self
+            .conversation(id)
+            .await?
+            .ok_or_else(|| anyhow!("no conversation {id}"))?;
+        conv["messages"]
+            .as_array()
+            .cloned()
+            .ok_or_else(|| anyhow!("conversation {id} without messages: {conv}"))
+    }
+}
+
+impl Flood {
+    /// Like [`Flood::start`], but posts each JSON body to `path` (for
+    /// example `/v1/messages`); each body names its `idempotency_key`.
+    pub fn start_at(api: &Api, path: &str, bodies: Vec<Value>, concurrency: usize) -> Self {
+        use std::sync::Arc;
+        let tally = Arc::new(Tally::default());
+        let api = api.clone();
+        let path = path.to_owned();
+        let t = Arc::clone(&tally);
+        let handle = tokio::spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+            let mut tasks = tokio::task::JoinSet::new();
+            for body in bodies {
+                let permit = Arc::clone(&permits)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
+                let tally = Arc::clone(&t);
+                let api = api.clone();
+                let path = path.clone();
+                tasks.spawn(async move {
+                    let key = str_field(&body, "idempotency_key").to_owned();
+                    let answer = api.post_json(&path, &body).await;
+                    drop(permit);
+                    let mut r = tally.result.lock().unwrap_or_else(|p| p.into_inner());
+                    match answer {
+                        Ok(a) if a.status.is_success() => {
+                            r.acked.push(key);
+                            tally
+                                .acked
+                                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Ok(a) => r.refused.push((key, a.status, a.body)),
+                        Err(_) => r.failed += 1,
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.expect("a posting task panicked");
+            }
+        });
+        Flood { tally, handle }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

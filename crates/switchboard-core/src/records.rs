@@ -61,8 +61,9 @@ pub struct OutboundRequest {
     /// The caller's key: a request redelivered with a known key is not sent
     /// again.
     pub idempotency_key: String,
-    /// Switchboard's id for the message to send. `POST /v1/messages` fills it
-    /// in (and answers with it); when absent the dispatcher makes one.
+    /// Switchboard's id for the message to send. When absent it is derived
+    /// from the idempotency key (UUIDv5), so every copy of a request names
+    /// the same message; `POST /v1/messages` answers with it.
     #[serde(default)]
     pub message_id: Option<Uuid>,
     /// Reply in this conversation.

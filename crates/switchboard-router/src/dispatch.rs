@@ -400,18 +400,23 @@ impl Dispatcher {
                 (i, job, sent)
             });
         }
-        let mut results = Vec::new();
+        // Results are recorded as the sends finish, together with whatever
+        // else finished meanwhile, so a send waiting out a retry does not
+        // hold back the record (and the window) of the others.
+        let mut interrupted = false;
         while let Some(joined) = set.join_next().await {
-            match joined {
-                Ok(r) => results.push(r),
+            let mut done = Vec::new();
+            let mut push = |joined: Result<_, tokio::task::JoinError>| match joined {
+                Ok(r) => done.push(r),
                 Err(e) => tracing::error!(error = %e, "send task failed"),
+            };
+            push(joined);
+            while let Some(more) = set.try_join_next() {
+                push(more);
             }
+            interrupted |= done.iter().any(|(_, _, s)| matches!(s, Sent::Interrupted));
+            self.finish(done).await?;
         }
-        let interrupted = results
-            .iter()
-            .any(|(_, _, s)| matches!(s, Sent::Interrupted));
-
-        self.finish(results).await?;
         if !dead.is_empty() {
             let letters: Vec<Outgoing> = dead
                 .iter()
@@ -602,6 +607,14 @@ struct PrepareCtx {
     router: Router,
     adapters: HashMap<Channel, Arc<dyn Outbound>>,
     settings: DispatchSettings,
+}
+
+/// The message id of a request that names none: derived from its
+/// idempotency key (UUIDv5), so every copy of the request names the same
+/// message, whoever reads it first.
+pub fn outbound_message_id(idempotency_key: &str) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x5b1f_0c2e_8a4d_4c3e_9f6a_2d7e_1b0c_a901);
+    Uuid::new_v5(&NAMESPACE, idempotency_key.as_bytes())
 }
 
 /// The channel that an identity's kind is reached on.
@@ -825,7 +838,9 @@ impl PrepareCtx {
                 account.clone()
             },
         });
-        let message_id = req.message_id.unwrap_or_else(Uuid::now_v7);
+        let message_id = req
+            .message_id
+            .unwrap_or_else(|| outbound_message_id(&req.idempotency_key));
         let env = Envelope {
             schema: EnvelopeSchema::V1,
             id: message_id,
@@ -978,7 +993,9 @@ impl PrepareCtx {
         Ok(Prepared::Send(Box::new(Job {
             msg,
             policy: self.settings.retry_for(record.channel),
-            attempts_before: record.attempts,
+            // It was recorded `sending` before a call that may have
+            // happened: count that call, so the resend says attempt 2+.
+            attempts_before: record.attempts.max(1),
             record,
             resumed: true,
             source: source.clone(),

@@ -238,11 +238,13 @@ impl Router {
         tx: &mut dyn Tx,
         delivery: &switchboard_core::Delivery,
     ) -> Result<(), RouteError> {
-        let status = serde_json::to_value(delivery.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        tx.set_message_status(delivery.message_id, &status)?;
+        // The stored status only moves forward: a provider's early
+        // "delivered" is not undone when the send's own result is recorded.
+        let status = status_name(delivery.status);
+        let current = tx.message_status(delivery.message_id)?;
+        if status_rank(current.as_deref()) < status_rank(Some(status)) {
+            tx.set_message_status(delivery.message_id, status)?;
+        }
         self.push_delivery(tx, delivery)
     }
 
@@ -642,12 +644,7 @@ impl Router {
                 };
                 // The event always goes out; the stored status only moves
                 // forward (a late "delivered" does not undo "read").
-                let current = tx.message_status(*message_id)?;
-                if status_rank(current.as_deref()) < status_rank(Some(status_name(*status))) {
-                    self.emit_delivery(tx, &delivery)?;
-                } else {
-                    self.push_delivery(tx, &delivery)?;
-                }
+                self.emit_delivery(tx, &delivery)?;
             }
             CommandKind::CustomerErase { customer_id } => {
                 let Some(id) = tx.resolve_customer(*customer_id)? else {

@@ -347,7 +347,11 @@ async fn post_message(
         Ok(Err(e)) => return store_error(e),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
     }
-    let message_id = *req.message_id.get_or_insert_with(Uuid::now_v7);
+    // Derived from the key, so a repeat of this request (even one still on
+    // its way to the dispatcher) answers with the same id.
+    let message_id = *req.message_id.get_or_insert_with(|| {
+        switchboard_router::dispatch::outbound_message_id(&req.idempotency_key)
+    });
     // Keyed so that one conversation's (or customer's) requests stay in order.
     let key = match (&req.conversation_id, &req.customer_id, &req.to) {
         (Some(c), _, _) => c.to_string(),
