@@ -163,26 +163,7 @@ impl Router {
         let at = millis(env.received_at);
         let (mut conv, opened) = match conversation {
             Some(c) => (c, false),
-            None => (
-                Conversation {
-                    id: Uuid::now_v7(),
-                    customer_id,
-                    channel: env.channel,
-                    account: env.account.clone(),
-                    status: ConversationStatus::Open,
-                    opened_at: at,
-                    last_message_at: at,
-                    last_inbound_channel: None,
-                    last_inbound_account: None,
-                    resolved_at: None,
-                    subject_key: self
-                        .policy
-                        .channel(env.channel)
-                        .match_subject
-                        .then(|| env.subject.as_deref().map(subject_key).unwrap_or_default()),
-                },
-                true,
-            ),
+            None => (self.new_conversation(env, customer_id, at), true),
         };
         conv.last_message_at = conv.last_message_at.max(at);
         if opened {
@@ -512,9 +493,16 @@ impl Router {
             return Ok((conv, ThreadRule::Continuation, false, false));
         }
 
-        let conv = Conversation {
+        let conv = self.new_conversation(env, customer, at);
+        Ok((conv, ThreadRule::New, true, false))
+    }
+
+    /// A new open conversation for the envelope's channel account, keyed by
+    /// its subject where the channel matches subjects.
+    fn new_conversation(&self, env: &Envelope, customer_id: Uuid, at: Millis) -> Conversation {
+        Conversation {
             id: Uuid::now_v7(),
-            customer_id: customer,
+            customer_id,
             channel: env.channel,
             account: env.account.clone(),
             status: ConversationStatus::Open,
@@ -523,9 +511,12 @@ impl Router {
             last_inbound_channel: None,
             last_inbound_account: None,
             resolved_at: None,
-            subject_key: policy.match_subject.then(|| subject.unwrap_or_default()),
-        };
-        Ok((conv, ThreadRule::New, true, false))
+            subject_key: self
+                .policy
+                .channel(env.channel)
+                .match_subject
+                .then(|| env.subject.as_deref().map(subject_key).unwrap_or_default()),
+        }
     }
 
     /// Applies one command. Idempotent on the command's id.

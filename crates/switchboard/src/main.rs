@@ -81,95 +81,42 @@ fn process_env() -> HashMap<String, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::CheckConfig { path } => {
-            match config::load(path.as_deref(), &process_env(), &Overrides::default())
-                .and_then(|raw| raw.validate())
-            {
-                Ok(cfg) => {
-                    println!(
-                        "configuration ok: listen {}, data_dir {}, {} api token(s)",
-                        cfg.listen,
-                        cfg.data_dir.display(),
-                        cfg.tokens.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(78) // EX_CONFIG
-                }
+        Cmd::CheckConfig { path } => match checked_config(path, Overrides::default()) {
+            Ok(cfg) => {
+                println!(
+                    "configuration ok: listen {}, data_dir {}, {} api token(s)",
+                    cfg.listen,
+                    cfg.data_dir.display(),
+                    cfg.tokens.len()
+                );
+                ExitCode::SUCCESS
             }
-        }
+            Err(code) => code,
+        },
         Cmd::Topics {
             action: TopicsCmd::Create { config },
         } => {
-            let cfg = match config::load(config.as_deref(), &process_env(), &Overrides::default())
-                .and_then(|raw| raw.validate())
-            {
+            let cfg = match checked_config(config, Overrides::default()) {
                 Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(78);
-                }
+                Err(code) => return code,
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
+            block_on(daemon::create_topics(&cfg), |lines| {
+                for line in lines {
+                    println!("{line}");
                 }
-            };
-            match runtime.block_on(daemon::create_topics(&cfg)) {
-                Ok(lines) => {
-                    for line in lines {
-                        println!("{line}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            })
         }
         Cmd::Replay { config, data_dir } => {
             let overrides = Overrides {
                 listen: None,
                 data_dir,
             };
-            let cfg = match config::load(config.as_deref(), &process_env(), &overrides)
-                .and_then(|raw| raw.validate())
-            {
+            let cfg = match checked_config(config, overrides) {
                 Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(78);
-                }
+                Err(code) => return code,
             };
             daemon::init_tracing(&cfg);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(daemon::replay(&cfg)) {
-                Ok(summary) => {
-                    println!("{summary}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            block_on(daemon::replay(&cfg), |summary| println!("{summary}"))
         }
         Cmd::Schemas { out } => match schemas::write(&out) {
             Ok(n) => {
@@ -186,35 +133,58 @@ fn main() -> ExitCode {
             listen,
             data_dir,
         } => {
-            let overrides = Overrides { listen, data_dir };
-            let cfg = match config::load(config.as_deref(), &process_env(), &overrides)
-                .and_then(|raw| raw.validate())
-            {
+            let cfg = match checked_config(config, Overrides { listen, data_dir }) {
                 Ok(cfg) => cfg,
-                Err(e @ (ConfigError::Load(_) | ConfigError::Invalid(_))) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(78);
-                }
+                Err(code) => return code,
             };
             daemon::init_tracing(&cfg);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(daemon::run(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
+            let run = async {
+                let res = daemon::run(cfg).await;
+                if let Err(e) = &res {
                     tracing::error!(error = format!("{e:#}"), "switchboard stopped");
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
                 }
-            }
+                res
+            };
+            block_on(run, |()| {})
+        }
+    }
+}
+
+/// Loads and checks the configuration; on a problem, prints every one and
+/// gives the exit code (EX_CONFIG).
+fn checked_config(file: Option<PathBuf>, overrides: Overrides) -> Result<config::Config, ExitCode> {
+    config::load(file.as_deref(), &process_env(), &overrides)
+        .and_then(|raw| raw.validate())
+        .map_err(|e: ConfigError| {
+            eprintln!("{e}");
+            ExitCode::from(78)
+        })
+}
+
+/// Runs `work` on a multi-threaded runtime; success goes to `report`, an
+/// error to stderr with exit code 1.
+fn block_on<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+    report: impl FnOnce(T),
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(v) => {
+            report(v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
