@@ -742,15 +742,23 @@ impl PrepareCtx {
             Some(c) => tx.last_inbound(customer, Some(c.id), None)?,
             None => None,
         };
-        let channel = req
+        let named = req
             .channel
             .or(req.to.as_ref().map(|t| channel_for(t.kind)))
             .or(last_here.as_ref().map(|l| l.channel))
             .or(conversation
                 .as_ref()
-                .map(|c| c.last_inbound_channel.unwrap_or(c.channel)))
-            .or(tx.last_inbound(customer, None, None)?.map(|l| l.channel))
-            .ok_or_else(|| rejected(format!("customer {customer} never wrote; name a channel")))?;
+                .map(|c| c.last_inbound_channel.unwrap_or(c.channel)));
+        // Only when nothing above named one: where the customer last wrote.
+        let channel = match named {
+            Some(c) => c,
+            None => tx
+                .last_inbound(customer, None, None)?
+                .map(|l| l.channel)
+                .ok_or_else(|| {
+                    rejected(format!("customer {customer} never wrote; name a channel"))
+                })?,
+        };
         let last_on_channel = match conv_id {
             Some(id) => match tx.last_inbound(customer, Some(id), Some(channel))? {
                 Some(l) => Some(l),

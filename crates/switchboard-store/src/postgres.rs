@@ -183,6 +183,13 @@ CREATE TABLE outbound (
     updated_at          bigint NOT NULL
 );
 CREATE INDEX outbound_message ON outbound (message_id);
+"#, r#"
+-- Lookups of a customer's (or a conversation's) latest inbound message, which
+-- the dispatcher makes for every request.
+CREATE INDEX messages_inbound_by_conversation ON messages (conversation_id, received_at, seq)
+    WHERE direction = 'inbound';
+CREATE INDEX messages_inbound_by_customer ON messages (customer_id, received_at, seq)
+    WHERE direction = 'inbound';
 "#];
 
 /// How long an outbox row may go untouched by its owner before another

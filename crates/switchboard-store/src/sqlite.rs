@@ -138,6 +138,14 @@ CREATE INDEX outbound_message ON outbound (message_id);
 CREATE INDEX messages_inbound ON messages (customer_id, channel, received_at)
     WHERE direction = 'inbound';
 "#,
+    r#"
+-- Lookups of a customer's (or a conversation's) latest inbound message, which
+-- the dispatcher makes for every request.
+CREATE INDEX messages_inbound_by_conversation ON messages (conversation_id, received_at, seq)
+    WHERE direction = 'inbound';
+CREATE INDEX messages_inbound_by_customer ON messages (customer_id, received_at, seq)
+    WHERE direction = 'inbound';
+"#,
 ];
 
 /// The SQLite store. Writes go through one connection, serialized by a lock;
