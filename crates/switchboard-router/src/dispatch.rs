@@ -473,7 +473,7 @@ impl Dispatcher {
                 Err(error) if error.retryable() => {
                     tracing::warn!(%error, "store unavailable; retrying outbound batch");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(crate::service::STORE_MAX_BACKOFF);
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -516,7 +516,7 @@ impl Dispatcher {
                 Err(error) if error.retryable() => {
                     tracing::warn!(%error, "store unavailable; retrying send results");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(crate::service::STORE_MAX_BACKOFF);
                 }
                 Err(error) => return Err(error.into()),
             }

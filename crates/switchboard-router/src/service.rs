@@ -130,6 +130,10 @@ enum Outcome {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait before retrying a store transaction. Most retryable store
+/// errors are transaction conflicts (PostgreSQL serialization failures),
+/// which a prompt retry resolves; a long wait only stalls the partition.
+pub(crate) const STORE_MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 impl Pipeline {
     /// Wires a pipeline. `batch` bounds how many records one transaction
@@ -355,7 +359,7 @@ impl Pipeline {
                     tracing::warn!(%error, "store unavailable; retrying batch");
                     self.metrics.errors.with_label_values(&["store"]).inc();
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_BACKOFF);
+                    delay = (delay * 2).min(STORE_MAX_BACKOFF);
                 }
                 Err(error) => return Err(error.into()),
             }

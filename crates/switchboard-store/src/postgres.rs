@@ -51,7 +51,8 @@ use crate::{OutboxRecord, Store, StoreError, Tx};
 
 /// Versioned migrations: entry `i` takes the schema from version `i` to
 /// `i + 1`. Never edit a released entry; append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE customers (
     id          uuid PRIMARY KEY,
     created_at  bigint NOT NULL,
@@ -183,14 +184,18 @@ CREATE TABLE outbound (
     updated_at          bigint NOT NULL
 );
 CREATE INDEX outbound_message ON outbound (message_id);
-"#, r#"
+"#,
+    r#"
 -- Lookups of a customer's (or a conversation's) latest inbound message, which
 -- the dispatcher makes for every request.
 CREATE INDEX messages_inbound_by_conversation ON messages (conversation_id, received_at, seq)
     WHERE direction = 'inbound';
 CREATE INDEX messages_inbound_by_customer ON messages (customer_id, received_at, seq)
     WHERE direction = 'inbound';
-"#];
+-- Takeover of outbox rows whose owner let the lease run out.
+CREATE INDEX outbox_touched ON outbox (touched_at);
+"#,
+];
 
 /// How long an outbox row may go untouched by its owner before another
 /// instance takes it over, unless [`PgStore::with_outbox_lease`] says
@@ -862,23 +867,39 @@ impl Store for PgStore {
     fn outbox(&self, limit: usize) -> Result<Vec<OutboxRecord>, StoreError> {
         let lease_ms = i64::try_from(self.outbox_lease.as_millis()).unwrap_or(i64::MAX);
         let mut conn = self.conn()?;
-        // One statement, so atomic: claim this instance's rows and those
-        // whose owner let the lease run out, skipping rows another publisher
-        // is claiming right now. Claiming touches the rows, which renews the
-        // lease (and a publisher re-checking a row another just claimed
+        // Own rows first, on the (owner, seq) index; then, if there is
+        // room, rows whose owner let the lease run out, on the touched_at
+        // index. One OR over both made the planner walk the whole table.
+        // Each statement is atomic: it skips rows another publisher is
+        // claiming right now, and claiming touches the rows, which renews
+        // the lease (a publisher re-checking a row another just claimed
         // finds it touched and skips it).
-        let claimed = conn
+        let mut claimed = conn
             .query(
-                "UPDATE outbox o SET owner = $1, claimed = true, touched_at = clock_timestamp() \
-                 FROM (SELECT seq FROM outbox \
-                       WHERE owner = $1 \
-                          OR touched_at < clock_timestamp() - $2::bigint * interval '1 millisecond' \
-                       ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) AS pick \
+                "UPDATE outbox o SET claimed = true, touched_at = clock_timestamp() \
+                 FROM (SELECT seq FROM outbox WHERE owner = $1 \
+                       ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) AS pick \
                  WHERE o.seq = pick.seq \
                  RETURNING o.seq, o.topic, o.key, o.payload",
-                &[&self.instance, &lease_ms, &limit_param(limit)],
+                &[&self.instance, &limit_param(limit)],
             )
             .map_err(pg_err)?;
+        if claimed.len() < limit {
+            let room = limit - claimed.len();
+            claimed.extend(
+                conn.query(
+                    "UPDATE outbox o SET owner = $1, claimed = true, touched_at = clock_timestamp() \
+                     FROM (SELECT seq FROM outbox \
+                           WHERE touched_at < clock_timestamp() - $2::bigint * interval '1 millisecond' \
+                             AND owner <> $1 \
+                           ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) AS pick \
+                     WHERE o.seq = pick.seq \
+                     RETURNING o.seq, o.topic, o.key, o.payload",
+                    &[&self.instance, &lease_ms, &limit_param(room)],
+                )
+                .map_err(pg_err)?,
+            );
+        }
         let mut records = rows(claimed, |r| {
             Ok(OutboxRecord {
                 seq: col(r, 0)?,
