@@ -4,6 +4,12 @@
 //!
 //! A [`Daemon`] kills its process when dropped, so no daemon outlives a test,
 //! and prints the daemon's stderr when the test is failing.
+//!
+//! Backends: a [`TestDir`] runs its daemons on the embedded log and SQLite
+//! ([`TestDir::new`]) or on Kafka and PostgreSQL
+//! ([`TestDir::with_backend`] with [`Backend::KafkaPg`]; see the `services`
+//! module for how tests stay apart there). [`backend_tests!`] runs one test
+//! body on both.
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -16,6 +22,36 @@ use anyhow::{Context as _, anyhow, bail};
 use serde_json::{Value, json};
 
 pub use reqwest::StatusCode;
+
+mod services;
+pub use services::{
+    Backend, COMMANDS_GROUP, IDENTITY_GROUP, KAFKA_ENV, KAFKA_PARTITIONS, KafkaLock, POSTGRES_ENV,
+    ROUTER_GROUP, SESSION_TIMEOUT_MS, TOPICS, delete_topics, kafka_brokers, kafka_lag,
+    kafka_lock_path, lock_kafka, random_prefix,
+};
+use services::{KafkaSide, Services};
+
+/// Runs each test body on both backends: `body: embedded_name,
+/// kafka_pg_name;` makes two `#[tokio::test]`s (multi-threaded, 2 workers)
+/// that call `body(Backend::Embedded)` and `body(Backend::KafkaPg)`; the
+/// second skips (or, under CI, fails) when Kafka or PostgreSQL is not
+/// configured ([`Backend::available`]).
+#[macro_export]
+macro_rules! backend_tests {
+    ($($body:ident: $embedded:ident, $kafka_pg:ident;)+) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $embedded() {
+            $body($crate::Backend::Embedded).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $kafka_pg() {
+            if $crate::Backend::KafkaPg.available(stringify!($kafka_pg)) {
+                $body($crate::Backend::KafkaPg).await;
+            }
+        }
+    )+};
+}
 
 /// The bearer token every test daemon accepts.
 pub const TOKEN: &str = "e2e-token-0123456789abcdef";
@@ -129,6 +165,17 @@ pub fn switchboard_command() -> Command {
     cmd
 }
 
+/// Runs `switchboard topics create` with `env` and returns its output.
+pub fn topics_create(env: &[(String, String)]) -> std::process::Output {
+    let mut cmd = switchboard_command();
+    cmd.args(["topics", "create"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output()
+        .expect("cannot run `switchboard topics create`")
+}
+
 /// A free loopback port (bound, read, released).
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port");
@@ -139,22 +186,97 @@ pub fn free_port() -> u16 {
 }
 
 /// A test's scratch space: a temporary directory holding the data directory
-/// and the daemons' logs. Daemons started from it share the data directory,
-/// so a restart sees what the previous run stored.
+/// and the daemons' logs, and, on Kafka and PostgreSQL, the test's topics
+/// and schema. Daemons started from it share the data directory (and the
+/// topics and schema), so a restart sees what the previous run stored.
 pub struct TestDir {
     dir: tempfile::TempDir,
     starts: usize,
+    services: Option<Services>,
+    /// A shared broker lock, when the test passes a Kafka configuration of
+    /// its own (see [`lock_kafka`]).
+    env_lock: Option<KafkaLock>,
 }
 
 impl TestDir {
-    /// A new, empty one.
+    /// A new, empty one, for the embedded log and SQLite. With
+    /// `SWITCHBOARD_E2E_KEEP=1` it is not removed at the end (the daemons'
+    /// whole logs stay there), and its path is printed.
     pub fn new() -> Self {
+        let keep = std::env::var_os("SWITCHBOARD_E2E_KEEP").is_some_and(|v| v != "0");
+        let dir = tempfile::Builder::new()
+            .prefix("switchboard-e2e-")
+            .disable_cleanup(keep)
+            .tempdir()
+            .expect("cannot create a temporary directory");
+        if keep {
+            eprintln!("SWITCHBOARD_E2E_KEEP: keeping {}", dir.path().display());
+        }
         TestDir {
-            dir: tempfile::Builder::new()
-                .prefix("switchboard-e2e-")
-                .tempdir()
-                .expect("cannot create a temporary directory"),
+            dir,
             starts: 0,
+            services: None,
+            env_lock: None,
+        }
+    }
+
+    /// A new one for `backend`. On Kafka and PostgreSQL: a fresh topic
+    /// prefix (the topics are created before the first start, with
+    /// [`KAFKA_PARTITIONS`] partitions, and deleted when this is dropped)
+    /// and a fresh schema (dropped with this). Panics if the services are
+    /// not configured: check [`Backend::available`] first.
+    pub fn with_backend(backend: Backend) -> Self {
+        let mut dir = Self::new();
+        if backend == Backend::KafkaPg {
+            dir.services = Some(Services::new());
+        }
+        dir
+    }
+
+    /// The backend its daemons run on.
+    pub fn backend(&self) -> Backend {
+        if self.services.is_some() {
+            Backend::KafkaPg
+        } else {
+            Backend::Embedded
+        }
+    }
+
+    /// The topic prefix its daemons use.
+    pub fn topic_prefix(&self) -> &str {
+        self.services
+            .as_ref()
+            .map_or("switchboard.", |s| s.prefix.as_str())
+    }
+
+    /// The full name of topic `name` (`inbound.v1`, `dlq.v1`, ...).
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{name}", self.topic_prefix())
+    }
+
+    /// The Kafka bootstrap address, on Kafka.
+    pub fn brokers(&self) -> Option<&str> {
+        self.services.as_ref().map(|s| s.brokers.as_str())
+    }
+
+    /// The PostgreSQL schema and its URL (with `search_path`), on
+    /// PostgreSQL.
+    pub fn schema(&self) -> Option<(&str, String)> {
+        self.services
+            .as_ref()
+            .map(|s| (s.schema_name(), s.schema_url()))
+    }
+
+    /// The environment that puts a daemon (or `switchboard` command) on
+    /// this directory's backend; creates the topics the first time. Empty
+    /// for the embedded backend.
+    pub fn backend_env(&mut self) -> Vec<(String, String)> {
+        match self.services.as_mut() {
+            Some(s) => {
+                s.ensure_topics();
+                s.env()
+            }
+            None => Vec::new(),
         }
     }
 
@@ -171,9 +293,23 @@ impl TestDir {
     /// Starts a daemon on this data directory with the test token and
     /// `env` added to its environment, and waits until it is ready.
     pub async fn start(&mut self, env: &[(&str, &str)]) -> Daemon {
+        let data_dir = self.data_dir();
+        self.start_in(&data_dir, env).await
+    }
+
+    /// Starts another instance: like [`TestDir::start`], but with a data
+    /// directory of its own (`<dir>/<name>`) and its own port. On Kafka
+    /// and PostgreSQL it shares the topics, the schema and so the consumer
+    /// groups with every other daemon of this directory.
+    pub async fn start_instance(&mut self, name: &str, env: &[(&str, &str)]) -> Daemon {
+        let data_dir = self.path().join(name);
+        self.start_in(&data_dir, env).await
+    }
+
+    async fn start_in(&mut self, data_dir: &Path, env: &[(&str, &str)]) -> Daemon {
         let mut last_error = String::new();
         for _attempt in 0..5 {
-            let mut daemon = self.spawn(env);
+            let mut daemon = self.spawn_in(data_dir, env);
             match daemon.wait_ready(READY_DEADLINE).await {
                 Ok(()) => return daemon,
                 Err(e) => {
@@ -198,10 +334,34 @@ impl TestDir {
     /// Starts a daemon like [`TestDir::start`] but does not wait for it to
     /// be ready (nor retry on a port clash).
     pub fn spawn(&mut self, env: &[(&str, &str)]) -> Daemon {
+        let data_dir = self.data_dir();
+        self.spawn_in(&data_dir, env)
+    }
+
+    fn spawn_in(&mut self, data_dir: &Path, env: &[(&str, &str)]) -> Daemon {
         self.starts += 1;
         let stderr_path = self.path().join(format!("daemon-{}.stderr", self.starts));
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        Daemon::spawn(addr, &self.data_dir(), &stderr_path, env)
+        // A test that configures Kafka itself shares the broker too.
+        if self.services.is_none()
+            && self.env_lock.is_none()
+            && env
+                .iter()
+                .any(|(k, v)| *k == "SWITCHBOARD__BUS__BACKEND" && *v == "kafka")
+            && let Some((_, brokers)) = env
+                .iter()
+                .find(|(k, _)| *k == "SWITCHBOARD__BUS__KAFKA__BROKERS")
+        {
+            self.env_lock = lock_kafka(brokers, false);
+        }
+        // The backend first, so that the test's own `env` wins.
+        let mut all: Vec<(String, String)> = self.backend_env();
+        all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let kafka = self.services.as_ref().map(|s| KafkaSide {
+            brokers: s.brokers.clone(),
+            prefix: s.prefix.clone(),
+        });
+        Daemon::spawn(addr, data_dir, &stderr_path, &all, kafka)
     }
 }
 
@@ -211,7 +371,9 @@ impl Default for TestDir {
     }
 }
 
-/// A running daemon. Dropping it kills the process (SIGKILL) and reaps it.
+/// A running daemon. Dropping it kills the process (SIGKILL) and reaps it;
+/// a daemon on Kafka is first asked to stop (SIGTERM, up to 10 s), so it
+/// leaves its consumer groups instead of holding up their next rebalance.
 pub struct Daemon {
     child: Option<Child>,
     status: Option<ExitStatus>,
@@ -219,10 +381,17 @@ pub struct Daemon {
     stderr_path: PathBuf,
     api: Api,
     report_on_drop: bool,
+    kafka: Option<KafkaSide>,
 }
 
 impl Daemon {
-    fn spawn(addr: SocketAddr, data_dir: &Path, stderr_path: &Path, env: &[(&str, &str)]) -> Self {
+    fn spawn(
+        addr: SocketAddr,
+        data_dir: &Path,
+        stderr_path: &Path,
+        env: &[(String, String)],
+        kafka: Option<KafkaSide>,
+    ) -> Self {
         let log = std::fs::File::create(stderr_path).expect("cannot create the daemon's log file");
         let out = log.try_clone().expect("cannot clone the log file handle");
         let mut cmd = switchboard_command();
@@ -245,7 +414,35 @@ impl Daemon {
             stderr_path: stderr_path.to_path_buf(),
             api: Api::new(addr, TOKEN),
             report_on_drop: true,
+            kafka,
         }
+    }
+
+    /// Records accepted on `inbound.v1` but not yet threaded into the
+    /// history, or `None` while that is not known yet. Embedded: the
+    /// daemon's `switchboard_bus_lag` for `inbound.v1`. Kafka: asked of the
+    /// broker, for the identity group on `inbound.v1` plus the router group
+    /// on `routed.v1` (the daemon's `/metrics` reports the router group on
+    /// `inbound.v1` there, which it never consumes).
+    pub async fn routing_lag(&self) -> anyhow::Result<Option<f64>> {
+        match &self.kafka {
+            None => self.api.inbound_lag().await,
+            Some(k) => Ok(Some(k.routing_lag().await? as f64)),
+        }
+    }
+
+    /// Waits until everything accepted so far is threaded (see
+    /// [`Daemon::routing_lag`]).
+    pub async fn wait_routed(&self, deadline: Duration) {
+        wait_for("the routing lag to reach 0", deadline, || async {
+            Ok(self.routing_lag().await?.filter(|l| *l == 0.0))
+        })
+        .await;
+    }
+
+    /// Whether it runs on Kafka.
+    pub fn on_kafka(&self) -> bool {
+        self.kafka.is_some()
     }
 
     /// Polls `/readyz` until it answers 200, failing early if the process
@@ -347,8 +544,38 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// SIGTERM, then up to `grace` for the exit, blocking; false if it is
+    /// still running.
+    fn stop_blocking(&mut self, grace: Duration) -> bool {
+        if self.try_status().is_some() {
+            return true;
+        }
+        let pid = self.pid().to_string();
+        if !Command::new("kill")
+            .args(["-TERM", &pid])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return self.try_status().is_some();
+        }
+        let started = Instant::now();
+        while started.elapsed() < grace {
+            if self.try_status().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if self.kafka.is_some() {
+            self.stop_blocking(Duration::from_secs(10));
+        }
         self.kill();
         if self.report_on_drop && std::thread::panicking() {
             let log = self.stderr();

@@ -1,11 +1,23 @@
 //! Bad input is refused with the right status and a JSON body naming the
 //! problem, and none of it hurts the daemon: afterwards it is healthy and a
 //! good message is still accepted and routed.
+//!
+//! On the embedded log and SQLite, and (`*_kafka_pg`) on Kafka and
+//! PostgreSQL.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use switchboard_e2e::{Answer, BASE_MS, StatusCode, TOKEN, TestDir, envelope, str_field, wait_for};
+use switchboard_e2e::{
+    Answer, BASE_MS, Backend, StatusCode, TOKEN, TestDir, backend_tests, envelope, str_field,
+    wait_for,
+};
+
+backend_tests! {
+    bad_input:
+        bad_input_is_refused_and_harmless,
+        bad_input_is_refused_and_harmless_kafka_pg;
+}
 
 fn good(key: &str) -> Value {
     envelope(
@@ -38,9 +50,8 @@ fn assert_400(a: &Answer, field: Option<&str>, what: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_is_refused_and_harmless() {
-    let mut dir = TestDir::new();
+async fn bad_input(backend: Backend) {
+    let mut dir = TestDir::with_backend(backend);
     let daemon = dir
         .start(&[("SWITCHBOARD__HTTP__MAX_BODY_BYTES", "4096")])
         .await;

@@ -2,12 +2,21 @@
 //! identities find one customer holding every message;
 //! conversation.resolve resolves a conversation; customer.erase removes the
 //! customer's identities and messages.
+//!
+//! On the embedded log and SQLite, and (`*_kafka_pg`) on Kafka and
+//! PostgreSQL.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use switchboard_e2e::{Api, BASE_MS, StatusCode, TestDir, envelope, str_field, wait_for};
+use switchboard_e2e::{
+    Api, BASE_MS, Backend, StatusCode, TestDir, backend_tests, envelope, str_field, wait_for,
+};
+
+backend_tests! {
+    link_resolve_erase: link_resolve_and_erase, link_resolve_and_erase_kafka_pg;
+}
 
 const EMAIL: &str = "dana@example.com";
 const PHONE: &str = "+14155550199";
@@ -49,9 +58,8 @@ async fn command(api: &Api, body: Value) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn link_resolve_and_erase() {
-    let mut dir = TestDir::new();
+async fn link_resolve_erase(backend: Backend) {
+    let mut dir = TestDir::with_backend(backend);
     let daemon = dir.start(&[]).await;
     let api = daemon.api();
 

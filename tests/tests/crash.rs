@@ -1,14 +1,24 @@
 //! kill -9 while 10,000 posts are in flight: every post the daemon answered
 //! 2xx is in the history after a restart on the same data directory, exactly
 //! once, and no post (acknowledged or not) is stored twice.
+//!
+//! On the embedded log and SQLite, and (`*_kafka_pg`) on Kafka and
+//! PostgreSQL, where the restart reuses the same topics and schema.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
 use switchboard_e2e::{
-    BASE_MS, Flood, FloodResult, StatusCode, TestDir, envelope, stored_keys, wait_for,
+    BASE_MS, Backend, Flood, FloodResult, StatusCode, TestDir, backend_tests, envelope,
+    stored_keys, wait_for,
 };
+
+backend_tests! {
+    survive_kill_9:
+        acknowledged_posts_survive_kill_9,
+        acknowledged_posts_survive_kill_9_kafka_pg;
+}
 
 const TOTAL: usize = 10_000;
 const CUSTOMERS: usize = 200;
@@ -72,9 +82,10 @@ fn identities() -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_posts_survive_kill_9() {
-    let mut dir = TestDir::new();
+async fn survive_kill_9(backend: Backend) {
+    // On Kafka and PostgreSQL the restart reuses the directory's topics and
+    // schema: the same deployment, restarted.
+    let mut dir = TestDir::with_backend(backend);
     let mut daemon = dir.start(&[]).await;
     let api = daemon.api();
 
@@ -111,10 +122,10 @@ async fn acknowledged_posts_survive_kill_9() {
     drop(daemon);
     let daemon = dir.start(&[]).await;
     let api = daemon.api();
-    if let Ok(Some(lag)) = api.inbound_lag().await {
+    if let Ok(Some(lag)) = daemon.routing_lag().await {
         eprintln!("{lag} records not yet routed at the restart");
     }
-    api.wait_routed(Duration::from_secs(120)).await;
+    daemon.wait_routed(Duration::from_secs(120)).await;
 
     let lookups = identities();
     let belongs = |key: &str, identity: &str| lookups[customer_of(key)] == identity;

@@ -1,6 +1,9 @@
 //! The daemon's life cycle: SIGTERM drains and exits 0 without losing an
 //! acknowledged message, and `check-config` reports configuration problems
 //! by name.
+//!
+//! The SIGTERM tests run on the embedded log and SQLite, and (`*_kafka_pg`)
+//! on Kafka and PostgreSQL, restarting on the same topics and schema.
 
 use std::collections::HashMap;
 use std::process::Output;
@@ -8,9 +11,18 @@ use std::time::Duration;
 
 use serde_json::Value;
 use switchboard_e2e::{
-    BASE_MS, Daemon, Flood, FloodResult, StatusCode, TestDir, envelope, post_all, stored_keys,
-    switchboard_command, wait_for, workspace_root,
+    BASE_MS, Backend, Daemon, Flood, FloodResult, StatusCode, TestDir, backend_tests, envelope,
+    post_all, stored_keys, switchboard_command, wait_for, workspace_root,
 };
+
+backend_tests! {
+    sigterm_drains:
+        sigterm_drains_exits_0_and_loses_nothing,
+        sigterm_drains_exits_0_and_loses_nothing_kafka_pg;
+    sigterm_in_flight:
+        sigterm_with_posts_in_flight_loses_nothing_acknowledged,
+        sigterm_with_posts_in_flight_loses_nothing_acknowledged_kafka_pg;
+}
 
 const CUSTOMERS: usize = 50;
 const MESSAGES: usize = 500;
@@ -102,15 +114,16 @@ async fn terminate_cleanly(daemon: &mut Daemon) {
     );
 }
 
-/// Restarts on the same data directory and checks that every acknowledged
-/// key is in the history exactly once, and nothing is stored twice.
+/// Restarts on the same data directory (on Kafka and PostgreSQL: the same
+/// topics and schema) and checks that every acknowledged key is in the
+/// history exactly once, and nothing is stored twice.
 async fn check_restart(dir: &mut TestDir, acked: &[String]) -> HashMap<String, usize> {
     let daemon = dir.start(&[]).await;
     let api = daemon.api();
-    if let Ok(Some(lag)) = api.inbound_lag().await {
+    if let Ok(Some(lag)) = daemon.routing_lag().await {
         eprintln!("{lag} records not yet routed at the restart");
     }
-    api.wait_routed(Duration::from_secs(60)).await;
+    daemon.wait_routed(Duration::from_secs(60)).await;
     let lookups = lookups();
     let belongs = |key: &str, identity: &str| lookups[customer_of(key)] == identity;
     let counts: HashMap<String, usize> = wait_for(
@@ -134,9 +147,8 @@ async fn check_restart(dir: &mut TestDir, acked: &[String]) -> HashMap<String, u
     counts
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_exits_0_and_loses_nothing() {
-    let mut dir = TestDir::new();
+async fn sigterm_drains(backend: Backend) {
+    let mut dir = TestDir::with_backend(backend);
     let mut daemon = dir.start(&[]).await;
     let api = daemon.api();
 
@@ -155,10 +167,9 @@ async fn sigterm_drains_exits_0_and_loses_nothing() {
     assert_eq!(counts.len(), MESSAGES, "stored keys");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_with_posts_in_flight_loses_nothing_acknowledged() {
+async fn sigterm_in_flight(backend: Backend) {
     const TOTAL: usize = 4_000;
-    let mut dir = TestDir::new();
+    let mut dir = TestDir::with_backend(backend);
     let mut daemon = dir.start(&[]).await;
     let api = daemon.api();
 
@@ -189,6 +200,10 @@ async fn sigterm_with_posts_in_flight_loses_nothing_acknowledged() {
     assert!(counts.len() <= TOTAL);
 }
 
+/// Embedded only, by nature: the data directory holds the embedded log, which
+/// one process at a time may open. On Kafka and PostgreSQL the data directory
+/// holds nothing shared, and a second daemon with the same configuration is
+/// simply another instance of the deployment (multi_instance.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_daemon_on_the_same_data_dir_is_refused() {
     let mut dir = TestDir::new();

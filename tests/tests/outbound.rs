@@ -3,6 +3,9 @@
 //! process, which checks every request's signature and answers by the
 //! idempotency key's prefix (see [`Receiver`]). Replies go into a
 //! conversation opened by an inbound api message.
+//!
+//! Each test runs on the embedded log and SQLite, and again (`*_kafka_pg`)
+//! on Kafka and PostgreSQL.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,8 +20,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use switchboard_api::Secret;
 use switchboard_e2e::{
-    Api, Daemon, Flood, FloodResult, StatusCode, TestDir, envelope, metric_samples,
-    outbound_request, str_field, wait_for,
+    Api, Backend, Daemon, Flood, FloodResult, StatusCode, TestDir, backend_tests, envelope,
+    metric_samples, outbound_request, str_field, wait_for,
 };
 use tokio::sync::{Notify, watch};
 
@@ -491,9 +494,9 @@ struct Setup {
     _dir: TestDir,
 }
 
-async fn setup(customer: &str) -> Setup {
+async fn setup(backend: Backend, customer: &str) -> Setup {
     let receiver = Receiver::start().await;
-    let mut dir = TestDir::new();
+    let mut dir = TestDir::with_backend(backend);
     let daemon = start_daemon(&mut dir, &receiver).await;
     let conversation = open_conversation(&daemon.api(), customer).await;
     Setup {
@@ -505,13 +508,46 @@ async fn setup(customer: &str) -> Setup {
 }
 
 // ---------------------------------------------------------------------------
-// The tests.
+// The tests, each on the embedded log and SQLite, and on Kafka and
+// PostgreSQL.
+
+backend_tests! {
+    reply_is_sent_once_signed_and_tracked_on:
+        reply_is_sent_once_signed_and_tracked,
+        reply_is_sent_once_signed_and_tracked_kafka_pg;
+    server_errors_are_retried_on:
+        server_errors_are_retried,
+        server_errors_are_retried_kafka_pg;
+    throttling_honours_retry_after_on:
+        throttling_honours_retry_after,
+        throttling_honours_retry_after_kafka_pg;
+    rejection_fails_at_once_and_for_good_on:
+        rejection_fails_at_once_and_for_good,
+        rejection_fails_at_once_and_for_good_kafka_pg;
+    timeouts_are_retried_on:
+        timeouts_are_retried,
+        timeouts_are_retried_kafka_pg;
+    retries_stop_after_max_attempts_on:
+        retries_stop_after_max_attempts,
+        retries_stop_after_max_attempts_kafka_pg;
+    an_early_delivery_report_is_not_undone_on:
+        an_early_delivery_report_is_not_undone,
+        an_early_delivery_report_is_not_undone_kafka_pg;
+    a_repeated_request_is_sent_once_on:
+        a_repeated_request_is_sent_once,
+        a_repeated_request_is_sent_once_kafka_pg;
+    a_repeated_request_names_one_message_on:
+        a_repeated_request_names_one_message,
+        a_repeated_request_names_one_message_kafka_pg;
+    replies_survive_kill_9_on:
+        replies_survive_kill_9,
+        replies_survive_kill_9_kafka_pg;
+}
 
 /// A reply is POSTed once, signed, with the documented body; it is stored
 /// after the inbound message as `sent`, and reported statuses move it on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reply_is_sent_once_signed_and_tracked() {
-    let s = setup("cust-success").await;
+async fn reply_is_sent_once_signed_and_tracked_on(backend: Backend) {
+    let s = setup(backend, "cust-success").await;
     let api = s.daemon.api();
     let key = "ok-success-1";
     let text = "A replacement is on its way.";
@@ -589,9 +625,8 @@ async fn reply_is_sent_once_signed_and_tracked() {
 
 /// 500 twice, then 200: three attempts of one message, numbered 1, 2, 3;
 /// it ends `sent`, stored once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_errors_are_retried() {
-    let s = setup("cust-flaky").await;
+async fn server_errors_are_retried_on(backend: Backend) {
+    let s = setup(backend, "cust-flaky").await;
     let api = s.daemon.api();
     let key = "flaky-1";
     let message_id = send(&api, key, &s.conversation, "third time lucky").await;
@@ -617,9 +652,8 @@ async fn server_errors_are_retried() {
 
 /// 429 with `Retry-After: 1`: the second attempt comes at least a second
 /// after the first; it ends `sent`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn throttling_honours_retry_after() {
-    let s = setup("cust-throttle").await;
+async fn throttling_honours_retry_after_on(backend: Backend) {
+    let s = setup(backend, "cust-throttle").await;
     let api = s.daemon.api();
     let key = "throttle-1";
     let message_id = send(&api, key, &s.conversation, "when you are ready").await;
@@ -640,9 +674,8 @@ async fn throttling_honours_retry_after() {
 
 /// 400: one attempt, the message ends `failed`; the same key again is
 /// answered 200 with the first message and its state, and nothing is sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejection_fails_at_once_and_for_good() {
-    let s = setup("cust-bad").await;
+async fn rejection_fails_at_once_and_for_good_on(backend: Backend) {
+    let s = setup(backend, "cust-bad").await;
     let api = s.daemon.api();
     let key = "bad-1";
     let request = outbound_request(key, &s.conversation, "this will bounce");
@@ -674,9 +707,8 @@ async fn rejection_fails_at_once_and_for_good() {
 
 /// A receiver that does not answer within the account's timeout: the send
 /// times out and is retried; it ends `sent`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeouts_are_retried() {
-    let s = setup("cust-hang").await;
+async fn timeouts_are_retried_on(backend: Backend) {
+    let s = setup(backend, "cust-hang").await;
     let api = s.daemon.api();
     let key = "hang-1";
     let message_id = send(&api, key, &s.conversation, "are you there?").await;
@@ -702,9 +734,8 @@ async fn timeouts_are_retried() {
 
 /// A receiver that keeps answering 503: [`MAX_ATTEMPTS`] attempts, then the
 /// message ends `failed`, and the key stays failed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_stop_after_max_attempts() {
-    let s = setup("cust-down").await;
+async fn retries_stop_after_max_attempts_on(backend: Backend) {
+    let s = setup(backend, "cust-down").await;
     let api = s.daemon.api();
     let key = "down-1";
     let message_id = send(&api, key, &s.conversation, "anyone?").await;
@@ -730,10 +761,9 @@ async fn retries_stop_after_max_attempts() {
 /// stored status only moves forward, so recording the send afterwards
 /// must not turn `delivered` back into `sent`. (It did, before every
 /// status write went through the forward-only rule.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_early_delivery_report_is_not_undone() {
+async fn an_early_delivery_report_is_not_undone_on(backend: Backend) {
     let receiver = Receiver::start().await;
-    let mut dir = TestDir::new();
+    let mut dir = TestDir::with_backend(backend);
     // Time for the receiver to report before it answers.
     let daemon = start_daemon_with(
         &mut dir,
@@ -777,9 +807,8 @@ async fn an_early_delivery_report_is_not_undone() {
 /// The same request twice back to back, and once more after it was sent:
 /// one message reaches the receiver, stored once; the late one is answered
 /// 200 with the first message and its state.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_request_is_sent_once() {
-    let s = setup("cust-dup").await;
+async fn a_repeated_request_is_sent_once_on(backend: Backend) {
+    let s = setup(backend, "cust-dup").await;
     let api = s.daemon.api();
     let key = "ok-dup-1";
     let request = outbound_request(key, &s.conversation, "only once");
@@ -820,9 +849,8 @@ async fn a_repeated_request_is_sent_once() {
 /// message that is sent, so a caller can follow it by either id. (Before
 /// message ids were derived from the key, the second answer named a message
 /// that never existed.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_request_names_one_message() {
-    let s = setup("cust-dup-id").await;
+async fn a_repeated_request_names_one_message_on(backend: Backend) {
+    let s = setup(backend, "cust-dup-id").await;
     let api = s.daemon.api();
     let key = "ok-dup-id-1";
     let request = outbound_request(key, &s.conversation, "only once");
@@ -850,8 +878,7 @@ async fn a_repeated_request_names_one_message() {
 /// receiver; a key reaches it twice only inside the documented window (sent
 /// before the kill, result not yet recorded), which is at most the one batch
 /// that was being sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replies_survive_kill_9() {
+async fn replies_survive_kill_9_on(backend: Backend) {
     const TOTAL: usize = 2_000;
     const CONVERSATIONS: usize = 50;
     const CONCURRENCY: usize = 64;
@@ -859,7 +886,7 @@ async fn replies_survive_kill_9() {
     const KILL_AT: usize = 400;
 
     let receiver = Receiver::start().await;
-    let mut dir = TestDir::new();
+    let mut dir = TestDir::with_backend(backend);
     // A timeout is retried, and the retry is a second arrival too; a long
     // one keeps a loaded machine from adding such arrivals to the count.
     let env = [("SWITCHBOARD__CHANNELS__API__ACCOUNTS__CRM__TIMEOUT", "10s")];
@@ -872,7 +899,7 @@ async fn replies_survive_kill_9() {
     for c in &customers {
         post_inbound(&api, c).await;
     }
-    api.wait_routed(Duration::from_secs(60)).await;
+    daemon.wait_routed(Duration::from_secs(60)).await;
     let mut conversations = Vec::new();
     for c in &customers {
         conversations.push(conversation_of(&api, c).await);

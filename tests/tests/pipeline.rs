@@ -3,15 +3,30 @@
 //! identity, every message exactly once, in `received_at` order, each in a
 //! conversation that exists and holds it, and pages that concatenate to the
 //! whole timeline. A redelivered envelope is accepted but not stored twice.
+//!
+//! Each test runs on the embedded log and SQLite, and again (`*_kafka_pg`)
+//! on Kafka and PostgreSQL (see `backend_tests!`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use switchboard_e2e::{
-    Api, BASE_MS, Rng, StatusCode, TestDir, envelope, metric_sum, parse_millis, post_all,
-    str_field, wait_for,
+    Api, BASE_MS, Backend, Rng, StatusCode, TestDir, backend_tests, envelope, metric_sum,
+    parse_millis, post_all, str_field, wait_for,
 };
+
+backend_tests! {
+    thousand_messages:
+        a_thousand_messages_reach_their_histories,
+        a_thousand_messages_reach_their_histories_kafka_pg;
+    pages_over_equal_times:
+        pages_over_equal_times_neither_skip_nor_repeat,
+        pages_over_equal_times_neither_skip_nor_repeat_kafka_pg;
+    consistent_pages:
+        timeline_pages_are_consistent_while_routing,
+        timeline_pages_are_consistent_while_routing_kafka_pg;
+}
 
 const CUSTOMERS: usize = 100;
 const PER_CUSTOMER: usize = 10;
@@ -299,9 +314,8 @@ async fn find(api: &Api, c: &Customer) -> anyhow::Result<Option<Value>> {
     Ok(found)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_messages_reach_their_histories() {
-    let mut dir = TestDir::new();
+async fn thousand_messages(backend: Backend) {
+    let mut dir = TestDir::with_backend(backend);
     let daemon = dir.start(&[]).await;
     let api = daemon.api();
 
@@ -550,9 +564,8 @@ async fn a_thousand_messages_reach_their_histories() {
 
 /// Keyset pagination must neither skip nor repeat messages that share a
 /// `received_at`, whatever the page size.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pages_over_equal_times_neither_skip_nor_repeat() {
-    let mut dir = TestDir::new();
+async fn pages_over_equal_times(backend: Backend) {
+    let mut dir = TestDir::with_backend(backend);
     let daemon = dir.start(&[]).await;
     let api = daemon.api();
 
@@ -613,13 +626,12 @@ async fn pages_over_equal_times_neither_skip_nor_repeat() {
 /// routed. (Before the store read each page in one read transaction, a
 /// routing batch committing between the conversations query and the messages
 /// query made this fail in about 1 poll in 40.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeline_pages_are_consistent_while_routing() {
+async fn consistent_pages(backend: Backend) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     use switchboard_e2e::Flood;
 
-    let mut dir = TestDir::new();
+    let mut dir = TestDir::with_backend(backend);
     let daemon = dir.start(&[]).await;
     let api = daemon.api();
 
