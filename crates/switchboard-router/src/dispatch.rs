@@ -665,18 +665,9 @@ impl PrepareCtx {
                 out.push(Prepared::Done);
                 continue;
             }
-            tx.savepoint()?;
-            match self.prepare_one(&mut *tx, &req, record, now) {
-                Ok(p) => {
-                    tx.release_savepoint()?;
-                    out.push(p);
-                }
-                Err(RouteError::Store(e)) if e.retryable() => return Err(e),
-                Err(e) => {
-                    tx.rollback_to_savepoint()?;
-                    out.push(Prepared::Dead(e.to_string()));
-                }
-            }
+            let prepared =
+                crate::route::in_savepoint(&mut *tx, |tx| self.prepare_one(tx, &req, record, now))?;
+            out.push(prepared.unwrap_or_else(Prepared::Dead));
         }
         tx.commit()?;
         Ok(out)

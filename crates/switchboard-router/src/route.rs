@@ -35,6 +35,27 @@ impl Retryable for RouteError {
     }
 }
 
+/// Runs one record's step inside a savepoint of `tx`: kept on success,
+/// rolled back when the record is refused (`Err(reason)` for the dead-letter
+/// topic). A retryable store error ends the whole batch, which is retried.
+pub fn in_savepoint<T>(
+    tx: &mut dyn Tx,
+    step: impl FnOnce(&mut dyn Tx) -> Result<T, RouteError>,
+) -> Result<Result<T, String>, StoreError> {
+    tx.savepoint()?;
+    match step(&mut *tx) {
+        Ok(v) => {
+            tx.release_savepoint()?;
+            Ok(Ok(v))
+        }
+        Err(RouteError::Store(e)) if e.retryable() => Err(e),
+        Err(e) => {
+            tx.rollback_to_savepoint()?;
+            Ok(Err(e.to_string()))
+        }
+    }
+}
+
 /// What routing an envelope did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Routed {
@@ -179,11 +200,7 @@ impl Router {
             status: Some(status),
         })?;
         if opened {
-            let mut events = Events {
-                topic: &self.events_topic,
-                out: Vec::new(),
-            };
-            events.emit(
+            self.emit_event(
                 tx,
                 customer_id,
                 at,

@@ -484,31 +484,20 @@ fn route_batch(
                 continue;
             }
         };
-        tx.savepoint()?;
-        let res = match &decoded {
+        let res = crate::route::in_savepoint(&mut *tx, |tx| match &decoded {
             Decoded::Envelope(env) if matches!(kind, Kind::Identity) => {
-                router.resolve(&mut *tx, env).and_then(|customer| {
+                router.resolve(tx, env).and_then(|customer| {
                     serde_json::to_vec(&**env)
                         .map(|payload| Outcome::Resolved { customer, payload })
                         .map_err(|e| RouteError::Rejected(e.to_string()))
                 })
             }
-            Decoded::Envelope(env) => router.route(&mut *tx, env).map(Outcome::Routed),
+            Decoded::Envelope(env) => router.route(tx, env).map(Outcome::Routed),
             Decoded::Command(cmd) => router
-                .apply(&mut *tx, cmd)
+                .apply(tx, cmd)
                 .map(|_| Outcome::Applied(command_name(cmd))),
-        };
-        match res {
-            Ok(outcome) => {
-                tx.release_savepoint()?;
-                outcomes.push(outcome);
-            }
-            Err(RouteError::Store(e)) if e.retryable() => return Err(e),
-            Err(e) => {
-                tx.rollback_to_savepoint()?;
-                outcomes.push(Outcome::Dead(e.to_string()));
-            }
-        }
+        })?;
+        outcomes.push(res.unwrap_or_else(Outcome::Dead));
     }
     tx.commit()?;
     tracing::debug!(
