@@ -12,13 +12,13 @@
 //! any other status rejected for good. Secrets are never logged.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use switchboard_core::records::{ApiMessage, ApiMessageSchema};
+pub use switchboard_core::Secret;
 use switchboard_core::{
     Channel, Identity, IdentityKind, Outbound, OutboundMessage, SendError, SendReceipt,
 };
@@ -30,28 +30,6 @@ pub use reqwest::Url;
 pub const SIGNATURE_HEADER: &str = "switchboard-signature";
 /// The idempotency header.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
-
-/// A secret: shown as `[redacted]` by `Debug` and `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-
-    /// The value, for signing.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
 
 /// One account of the api channel.
 #[derive(Debug, Clone)]

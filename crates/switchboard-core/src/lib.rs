@@ -15,11 +15,13 @@ pub mod identity;
 pub mod outbound;
 pub mod records;
 pub mod schemas;
+pub mod secret;
 
 pub use bus::{Bus, BusError, Consumer, Record, Topics};
 pub use envelope::{Attachment, Channel, Direction, Envelope, ProviderRaw, ThreadHints, Trace};
 pub use identity::{Identity, IdentityError, IdentityKind};
 pub use outbound::{Outbound, OutboundMessage, SendError, SendReceipt};
+pub use secret::Secret;
 pub use records::{
     Command, CommandKind, DeadLetter, Delivery, DeliveryError, DeliveryState, Event, EventKind,
     OutboundRequest, Template, ThreadRule,
