@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use switchboard_core::records::{ApiMessage, ApiMessageSchema};
 pub use switchboard_core::Secret;
+use switchboard_core::records::{ApiMessage, ApiMessageSchema};
 use switchboard_core::{
     Channel, Identity, IdentityKind, Outbound, OutboundMessage, SendError, SendReceipt,
 };

@@ -12,6 +12,7 @@
 pub mod bus;
 pub mod envelope;
 pub mod identity;
+pub mod intake;
 pub mod outbound;
 pub mod records;
 pub mod schemas;
@@ -20,12 +21,13 @@ pub mod secret;
 pub use bus::{Bus, BusError, Consumer, Record, Topics};
 pub use envelope::{Attachment, Channel, Direction, Envelope, ProviderRaw, ThreadHints, Trace};
 pub use identity::{Identity, IdentityError, IdentityKind};
+pub use intake::{Intake, IntakeError, Received};
 pub use outbound::{Outbound, OutboundMessage, SendError, SendReceipt};
-pub use secret::Secret;
 pub use records::{
     Command, CommandKind, DeadLetter, Delivery, DeliveryError, DeliveryState, Event, EventKind,
     OutboundRequest, Template, ThreadRule,
 };
+pub use secret::Secret;
 
 /// Declares a one-value enum that serializes as a schema version string, so a
 /// record with another version fails to decode with a message naming the

@@ -453,6 +453,23 @@ pub struct Command {
     pub kind: CommandKind,
 }
 
+impl Command {
+    /// The key it travels under on `commands.v1`: the customer where the
+    /// command names one (or the identity, conversation or message it is
+    /// about), so one customer's commands stay in order.
+    pub fn partition_key(&self) -> String {
+        match &self.kind {
+            CommandKind::IdentityLink { a, .. } => a.key(),
+            CommandKind::IdentityUnlink { identity, .. } => identity.key(),
+            CommandKind::CustomerMerge { survivor, .. } => survivor.to_string(),
+            CommandKind::ConversationResolve { conversation_id }
+            | CommandKind::ConversationReopen { conversation_id } => conversation_id.to_string(),
+            CommandKind::CustomerErase { customer_id } => customer_id.to_string(),
+            CommandKind::MessageStatus { message_id, .. } => message_id.to_string(),
+        }
+    }
+}
+
 /// A record that could not be processed, on `dlq.v1`, keyed by its original
 /// key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -21,8 +21,7 @@ use prometheus::{
 use serde::Deserialize;
 use serde_json::json;
 use switchboard_core::{
-    Bus, CommandKind, DecodeError, Identity, Topics, decode_command, decode_envelope,
-    decode_outbound,
+    Bus, DecodeError, Identity, Topics, decode_command, decode_envelope, decode_outbound,
 };
 use switchboard_store::{Cursor, Store, StoreError};
 use uuid::Uuid;
@@ -295,17 +294,7 @@ async fn post_command(
         Ok(c) => c,
         Err(e) => return decode_error(&e),
     };
-    // Keyed by the customer where the command names one, so a customer's
-    // commands stay in order.
-    let key = match &cmd.kind {
-        CommandKind::IdentityLink { a, .. } => a.key(),
-        CommandKind::IdentityUnlink { identity, .. } => identity.key(),
-        CommandKind::CustomerMerge { survivor, .. } => survivor.to_string(),
-        CommandKind::ConversationResolve { conversation_id }
-        | CommandKind::ConversationReopen { conversation_id } => conversation_id.to_string(),
-        CommandKind::CustomerErase { customer_id } => customer_id.to_string(),
-        CommandKind::MessageStatus { message_id, .. } => message_id.to_string(),
-    };
+    let key = cmd.partition_key();
     let payload = match serde_json::to_vec(&cmd) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),

@@ -12,4 +12,5 @@
 pub mod config;
 pub mod daemon;
 pub mod http;
+pub mod intake;
 pub mod schemas;
