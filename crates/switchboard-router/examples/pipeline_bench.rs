@@ -1239,9 +1239,7 @@ fn run_direct(args: &Args, plan: &[Planned], history: &Path) -> Result<Duration,
             let env = decode_envelope(payload).map_err(|e| e.to_string())?;
             let t1 = Instant::now();
             decode += t1 - t;
-            tx.savepoint().map_err(|e| e.to_string())?;
             router.route(&mut *tx, &env).map_err(|e| e.to_string())?;
-            tx.release_savepoint().map_err(|e| e.to_string())?;
             route += t1.elapsed();
         }
         let t = Instant::now();

@@ -12,8 +12,9 @@ use switchboard_core::{
     Bus, BusError, Command, Consumer, DeadLetter, Envelope, Record, Retryable, Topics,
     decode_command, decode_envelope,
 };
-use switchboard_store::{Store, StoreError};
+use switchboard_store::{Store, StoreError, Tx};
 use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
 
 use crate::route::{RouteError, Routed, Router};
 
@@ -117,6 +118,20 @@ pub struct Pipeline {
     rekey: bool,
 }
 
+/// Waits for a batch's publishing stage: the offsets to commit for it.
+async fn join_publish(
+    stage: Option<JoinHandle<Result<Vec<(u32, u64)>, PipelineError>>>,
+) -> Result<Vec<(u32, u64)>, PipelineError> {
+    match stage {
+        None => Ok(Vec::new()),
+        Some(handle) => handle.await.unwrap_or_else(|join| {
+            Err(PipelineError::Store(StoreError::Unavailable(format!(
+                "publishing task failed: {join}"
+            ))))
+        }),
+    }
+}
+
 /// What happened to one record of a batch.
 enum Outcome {
     Routed(Routed),
@@ -218,17 +233,28 @@ impl Pipeline {
     }
 
     async fn run_loop(
-        &self,
+        self: &Arc<Self>,
         mut consumer: Box<dyn Consumer>,
-        group: &str,
+        group: &'static str,
         mut shutdown: watch::Receiver<bool>,
         kind: Kind,
     ) -> Result<(), PipelineError> {
         // Events committed before a crash but not yet published go out first.
         self.flush_outbox().await?;
+        // Two stages overlap: while batch N is stored (one blocking thread,
+        // the store's writer), batch N-1's events, dead letters and re-keyed
+        // records are published (the bus's writer). N-1's offsets are
+        // committed once both its publishing and N's store transaction are
+        // done, so an offset is never committed before its effect is stored
+        // and its events are on the bus.
+        let mut publishing: Option<JoinHandle<Result<Vec<(u32, u64)>, PipelineError>>> = None;
         loop {
             if *shutdown.borrow() {
-                return Ok(());
+                break;
+            }
+            if publishing.as_ref().is_some_and(|p| p.is_finished()) {
+                let offsets = join_publish(publishing.take()).await?;
+                self.commit_offsets(&mut *consumer, &offsets, group).await?;
             }
             let records = tokio::select! {
                 r = consumer.poll(self.batch, Duration::from_millis(500)) => r,
@@ -245,26 +271,35 @@ impl Pipeline {
                 Err(error) => return Err(error.into()),
             };
             if records.is_empty() {
+                let offsets = join_publish(publishing.take()).await?;
+                self.commit_offsets(&mut *consumer, &offsets, group).await?;
                 continue;
             }
-            self.process(&records, &mut *consumer, group, kind).await?;
+            let outcomes = self.store_batch(&records, kind).await?;
+            let offsets = join_publish(publishing.take()).await?;
+            self.commit_offsets(&mut *consumer, &offsets, group).await?;
+            let this = Arc::clone(self);
+            publishing = Some(tokio::spawn(async move {
+                this.publish_outcomes(&records, &outcomes, group).await
+            }));
         }
+        // Draining: finish what was stored.
+        let offsets = join_publish(publishing.take()).await?;
+        self.commit_offsets(&mut *consumer, &offsets, group).await
     }
 
-    /// Routes one batch to completion: stored, published, committed.
-    async fn process(
+    /// Counts a stored batch, publishes its dead letters, events and
+    /// re-keyed records, and returns the offsets to commit for it.
+    async fn publish_outcomes(
         &self,
         records: &[Record],
-        consumer: &mut dyn Consumer,
+        outcomes: &[Outcome],
         group: &str,
-        kind: Kind,
-    ) -> Result<(), PipelineError> {
-        let outcomes = self.store_batch(records, kind).await?;
-
+    ) -> Result<Vec<(u32, u64)>, PipelineError> {
         let mut dead = Vec::new();
         let mut rekeyed = Vec::new();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        for (record, outcome) in records.iter().zip(&outcomes) {
+        for (record, outcome) in records.iter().zip(outcomes) {
             match outcome {
                 Outcome::Routed(Routed::Stored { rule, channel, .. }) => {
                     self.metrics
@@ -317,10 +352,22 @@ impl Pipeline {
             let e = next.entry(r.partition).or_default();
             *e = (*e).max(r.offset + 1);
         }
-        let offsets: Vec<(u32, u64)> = next.into_iter().collect();
+        Ok(next.into_iter().collect())
+    }
+
+    /// Commits offsets, retrying while the bus is unavailable.
+    async fn commit_offsets(
+        &self,
+        consumer: &mut dyn Consumer,
+        offsets: &[(u32, u64)],
+        group: &str,
+    ) -> Result<(), PipelineError> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
         let mut delay = Duration::from_millis(50);
         loop {
-            match consumer.commit(&offsets).await {
+            match consumer.commit(offsets).await {
                 Ok(()) => return Ok(()),
                 Err(error) if error.retryable() => {
                     tracing::warn!(%error, group, "offset commit failed; retrying");
@@ -466,46 +513,85 @@ fn route_batch(
     kind: Kind,
 ) -> Result<Vec<Outcome>, StoreError> {
     let started = Instant::now();
-    let mut tx = store.begin()?;
-    let mut outcomes = Vec::with_capacity(records.len());
-    for record in records {
-        let decoded: Result<Decoded, String> = match kind {
+    let decoded: Vec<Result<Decoded, String>> = records
+        .iter()
+        .map(|record| match kind {
             Kind::Inbound | Kind::Identity => decode_envelope(&record.payload)
                 .map(|e| Decoded::Envelope(Box::new(e)))
                 .map_err(|e| e.to_string()),
             Kind::Commands => decode_command(&record.payload)
                 .map(Decoded::Command)
                 .map_err(|e| e.to_string()),
-        };
-        let decoded = match decoded {
-            Ok(d) => d,
-            Err(reason) => {
-                outcomes.push(Outcome::Dead(reason));
-                continue;
-            }
-        };
-        let res = crate::route::in_savepoint(&mut *tx, |tx| match &decoded {
-            Decoded::Envelope(env) if matches!(kind, Kind::Identity) => {
-                router.resolve(tx, env).and_then(|customer| {
-                    serde_json::to_vec(&**env)
-                        .map(|payload| Outcome::Resolved { customer, payload })
-                        .map_err(|e| RouteError::Rejected(e.to_string()))
-                })
-            }
-            Decoded::Envelope(env) => router.route(tx, env).map(Outcome::Routed),
-            Decoded::Command(cmd) => router
-                .apply(tx, cmd)
-                .map(|_| Outcome::Applied(command_name(cmd))),
-        })?;
-        outcomes.push(res.unwrap_or_else(Outcome::Dead));
-    }
-    tx.commit()?;
+        })
+        .collect();
+    // Nearly every batch has no refused record, so it is routed without a
+    // savepoint per record (each costs a copy of every page it first
+    // touches). When a record is refused, that attempt is rolled back and
+    // the batch is routed again with savepoints, so only the refused
+    // record is undone and dead-lettered.
+    let outcomes = match route_decoded(store, router, &decoded, kind, false)? {
+        Some(outcomes) => outcomes,
+        None => route_decoded(store, router, &decoded, kind, true)?
+            .expect("a batch routed with savepoints is never abandoned"),
+    };
     tracing::debug!(
         records = records.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "batch routed"
     );
     Ok(outcomes)
+}
+
+/// Routes decoded records in one transaction. Without `savepoints`, the
+/// first refused record abandons the attempt (`Ok(None)`, rolled back).
+fn route_decoded(
+    store: &dyn Store,
+    router: &Router,
+    decoded: &[Result<Decoded, String>],
+    kind: Kind,
+    savepoints: bool,
+) -> Result<Option<Vec<Outcome>>, StoreError> {
+    let mut tx = store.begin()?;
+    let mut outcomes = Vec::with_capacity(decoded.len());
+    for d in decoded {
+        let d = match d {
+            Ok(d) => d,
+            Err(reason) => {
+                outcomes.push(Outcome::Dead(reason.clone()));
+                continue;
+            }
+        };
+        let res = if savepoints {
+            crate::route::in_savepoint(&mut *tx, |tx| step(router, tx, d, kind))?
+        } else {
+            match step(router, &mut *tx, d, kind) {
+                Ok(outcome) => Ok(outcome),
+                Err(RouteError::Store(e)) if e.retryable() => return Err(e),
+                // Dropping the transaction rolls the attempt back.
+                Err(_) => return Ok(None),
+            }
+        };
+        outcomes.push(res.unwrap_or_else(Outcome::Dead));
+    }
+    tx.commit()?;
+    Ok(Some(outcomes))
+}
+
+/// One record's routing step.
+fn step(router: &Router, tx: &mut dyn Tx, d: &Decoded, kind: Kind) -> Result<Outcome, RouteError> {
+    match d {
+        Decoded::Envelope(env) if matches!(kind, Kind::Identity) => {
+            router.resolve(tx, env).and_then(|customer| {
+                serde_json::to_vec(&**env)
+                    .map(|payload| Outcome::Resolved { customer, payload })
+                    .map_err(|e| RouteError::Rejected(e.to_string()))
+            })
+        }
+        Decoded::Envelope(env) => router.route(tx, env).map(Outcome::Routed),
+        Decoded::Command(cmd) => router
+            .apply(tx, cmd)
+            .map(|_| Outcome::Applied(command_name(cmd))),
+    }
 }
 
 enum Decoded {

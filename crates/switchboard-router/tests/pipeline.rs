@@ -236,3 +236,92 @@ impl ReplaceSchema for Vec<u8> {
             .into_bytes()
     }
 }
+
+fn command(id: u32, kind: serde_json::Value) -> Vec<u8> {
+    let mut v = kind;
+    v["schema"] = "switchboard.command.v1".into();
+    v["id"] = format!("01936f0e-7c1a-7000-8000-{id:012}").into();
+    v["at"] = "2026-11-02T10:00:00Z".into();
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// A batch is first routed without a savepoint per record; a refused record
+/// in the middle makes the router redo the batch with savepoints. The
+/// records around it must still be applied, exactly once, and only the
+/// refused one dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_mid_batch_undoes_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics = Topics::default();
+    let bus = Arc::new(
+        EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("bus")), &topics.all()).unwrap(),
+    );
+    let store = Arc::new(SqliteStore::open(&dir.path().join("history.sqlite3")).unwrap());
+    let link = |id, a: &str, b: &str| {
+        command(
+            id,
+            serde_json::json!({"type": "identity.link",
+                "a": {"kind": "email", "value": a}, "b": {"kind": "email", "value": b},
+                "evidence": "crm"}),
+        )
+    };
+    let unknown = command(
+        2,
+        serde_json::json!({"type": "identity.unlink",
+            "identity": {"kind": "email", "value": "nobody@example.org"}, "evidence": "crm"}),
+    );
+    // One key, so the three land in one partition, in this order, and the
+    // router takes them in one batch.
+    for payload in [
+        link(1, "ada@example.org", "ada@work.example"),
+        unknown,
+        link(3, "ada@example.org", "ada@home.example"),
+    ] {
+        bus.publish(&topics.commands, b"ada", payload).await.unwrap();
+    }
+    let pipeline = Arc::new(Pipeline::new(
+        bus.clone(),
+        store.clone(),
+        Router::new(Policy::default(), topics.events.clone()),
+        topics.clone(),
+        RouterMetrics::register(&Registry::new()).unwrap(),
+        64,
+    ));
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(pipeline.run_commands(rx));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while bus
+        .lag(&topics.commands, switchboard_router::COMMANDS_GROUP)
+        .await
+        .unwrap()
+        .iter()
+        .any(|(_, n)| *n > 0)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "commands never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send_replace(true);
+    task.await.unwrap().unwrap();
+
+    let ada = store
+        .customer_by_identity(&switchboard_core::Identity::parse("email:ada@example.org").unwrap())
+        .unwrap()
+        .expect("the first link was kept");
+    let mut ids: Vec<String> = ada.identities.iter().map(|i| i.to_string()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            "email:ada@example.org",
+            "email:ada@home.example",
+            "email:ada@work.example"
+        ]
+    );
+
+    let mut reader = bus.subscribe(&topics.dlq, "test-reader").await.unwrap();
+    let dead = reader.poll(100, Duration::from_millis(500)).await.unwrap();
+    assert_eq!(dead.len(), 1, "only the refused command is dead-lettered");
+    let letter: DeadLetter = decode(&dead[0].payload, DeadLetterSchema::NAME).unwrap();
+    assert!(letter.error.contains("nobody@example.org"), "{}", letter.error);
+    assert_eq!(letter.offset, 1);
+}
