@@ -23,11 +23,12 @@ use serde_json::{Value, json};
 
 pub use reqwest::StatusCode;
 
+pub mod mail;
+pub mod providers;
 mod services;
 pub use services::{
-    Backend, COMMANDS_GROUP, IDENTITY_GROUP, KAFKA_ENV, KAFKA_PARTITIONS, KafkaLock, POSTGRES_ENV,
-    ROUTER_GROUP, SESSION_TIMEOUT_MS, TOPICS, delete_topics, kafka_brokers, kafka_lag,
-    kafka_lock_path, lock_kafka, random_prefix,
+    Backend, KAFKA_ENV, KAFKA_PARTITIONS, KafkaLock, POSTGRES_ENV, SESSION_TIMEOUT_MS, TOPICS,
+    delete_topics, kafka_brokers, kafka_lag, kafka_lock_path, lock_kafka, random_prefix,
 };
 use services::{KafkaSide, Services};
 

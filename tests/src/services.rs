@@ -10,15 +10,12 @@
 //! restart finds what the previous run left, and several instances started
 //! from one directory share the work like a real deployment.
 //!
-//! What is shared anyway: the consumer groups. The daemon names them
-//! `switchboard-router`, `switchboard-identity`, `switchboard-commands` and
-//! `switchboard-dispatcher` whatever the topic prefix, so every Kafka daemon
-//! of every test is a member of the same four groups (each consuming only
-//! its own topics). A member that dies without leaving (kill -9) holds up
-//! the next rebalance of every group member until its session times out, so
-//! the test daemons run with `session.timeout.ms` at the broker's minimum
-//! (6 s) and are stopped with SIGTERM (which leaves the groups) rather than
-//! SIGKILL when a test ends.
+//! The consumer groups follow the topic prefix (`switchboard_core::Groups`),
+//! so each test directory's daemons have groups of their own too. A member
+//! that dies without leaving (kill -9) still holds up its own group's next
+//! rebalance until its session times out, so the test daemons run with
+//! `session.timeout.ms` at the broker's minimum (6 s) and are stopped with
+//! SIGTERM (which leaves the groups) rather than SIGKILL when a test ends.
 //!
 //! The broker lock: `broker_outage` freezes the shared broker for 30 s.
 //! Test binaries of one `cargo test` run one after the other, but several
@@ -52,13 +49,6 @@ pub const KAFKA_PARTITIONS: u32 = 4;
 /// minimum (`group.min.session.timeout.ms`), so a killed daemon's partitions
 /// move to the others after about 6 s instead of librdkafka's 45 s.
 pub const SESSION_TIMEOUT_MS: u32 = 6_000;
-
-/// The daemon's consumer groups (`switchboard_router::*_GROUP`).
-pub const IDENTITY_GROUP: &str = "switchboard-identity";
-/// Threads `routed.v1` on Kafka (`inbound.v1` on the embedded log).
-pub const ROUTER_GROUP: &str = "switchboard-router";
-/// Applies `commands.v1`.
-pub const COMMANDS_GROUP: &str = "switchboard-commands";
 
 /// Which bus and history a test daemon runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,42 +180,23 @@ impl Services {
         .collect()
     }
 
-    /// Creates the topics with `switchboard topics create` (once).
-    ///
-    /// Works around a daemon bug (see `topics_create.rs`): the command
-    /// checks the broker's metadata right after the creation succeeded,
-    /// before the new topics are in it, and then fails with "missing kafka
-    /// topics" although it created them (about 1 run in 15). It is run
-    /// again in that case (the second run finds them: "exists"), with a
-    /// notice.
+    /// Creates the topics with `switchboard topics create` (once). No
+    /// retry: a first run on fresh topics must succeed (`topics_create.rs`).
     pub(crate) fn ensure_topics(&mut self) {
         if self.topics_created {
             return;
         }
         self.topics_attempted = true;
-        for attempt in 1..=5 {
-            let out = crate::topics_create(&self.env());
-            if out.status.success() {
-                self.topics_created = true;
-                return;
-            }
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if attempt < 5 && stderr.contains("missing kafka topics") {
-                eprintln!(
-                    "`switchboard topics create` (prefix {}) reported its new topics missing \
-                     (daemon bug, see topics_create.rs); running it again",
-                    self.prefix
-                );
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-            panic!(
-                "`switchboard topics create` (prefix {}) failed: {}\n{}{stderr}",
-                self.prefix,
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-            );
-        }
+        let out = crate::topics_create(&self.env());
+        assert!(
+            out.status.success(),
+            "`switchboard topics create` (prefix {}) failed: {}\n{}{}",
+            self.prefix,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        self.topics_created = true;
     }
 
     /// The schema's name.
@@ -355,18 +326,9 @@ impl KafkaSide {
     /// group on `routed.v1` (read in that order, so a record resolved in
     /// between is counted on `routed.v1`).
     pub(crate) async fn routing_lag(&self) -> anyhow::Result<u64> {
-        let identity = kafka_lag(
-            &self.brokers,
-            &format!("{}inbound.v1", self.prefix),
-            IDENTITY_GROUP,
-        )
-        .await?;
-        let router = kafka_lag(
-            &self.brokers,
-            &format!("{}routed.v1", self.prefix),
-            ROUTER_GROUP,
-        )
-        .await?;
+        let topics = switchboard_core::Topics::with_prefix(&self.prefix);
+        let identity = kafka_lag(&self.brokers, &topics.inbound, &topics.groups.identity).await?;
+        let router = kafka_lag(&self.brokers, &topics.routed, &topics.groups.router).await?;
         Ok(identity + router)
     }
 }

@@ -1,7 +1,7 @@
 //! What an operator sees and shares on Kafka: the routing lag the daemon
 //! reports in `/metrics`, and the consumer groups of two deployments (two
-//! topic prefixes) on one cluster. Both tests are ignored: each shows a
-//! daemon bug, described on it.
+//! topic prefixes) on one cluster. Both were daemon bugs, found by these
+//! tests and fixed; each test describes what went wrong.
 
 use std::time::{Duration, Instant};
 
@@ -29,21 +29,12 @@ async fn post_one(api: &Api, key: &str, who: &str) -> Instant {
     Instant::now()
 }
 
-/// DAEMON BUG (crates/switchboard/src/http.rs, `metrics`): on Kafka the
-/// daemon re-keys (`inbound.v1` is read by the `switchboard-identity` group,
-/// `routed.v1` by `switchboard-router`), but `/metrics` still reports
-/// `switchboard_bus_lag` for the `switchboard-router` group on `inbound.v1`,
-/// a pair nothing consumes: the gauge counts every record ever accepted and
-/// never goes down. Seen by hand: 3 messages posted and routed (the customer
-/// found), `switchboard_bus_lag{group="switchboard-router",
-/// topic="<prefix>inbound.v1"}` stays 3, while the broker's own view
-/// (kafka-consumer-groups --describe) shows lag 0 for switchboard-identity
-/// on inbound.v1 and switchboard-router on routed.v1. The lag of those two
-/// pairs is what should be reported. (The test helpers ask the broker
-/// instead: `Daemon::wait_routed`.)
-#[ignore = "daemon bug: on Kafka /metrics reports switchboard_bus_lag for the router \
-            group on inbound.v1, which it never consumes, so it never returns to 0 \
-            (http.rs metrics)"]
+/// Regression (crates/switchboard/src/http.rs, `metrics`): on Kafka the
+/// daemon re-keys (`inbound.v1` is read by the identity group, `routed.v1`
+/// by the router group), but `/metrics` used to report `switchboard_bus_lag`
+/// for the router group on `inbound.v1`, a pair nothing consumes, so the
+/// gauge counted every record ever accepted and never went down. It now
+/// reports the pairs the daemon consumes (`daemon::consumed`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lag_metric_returns_to_zero_on_kafka() {
     if !Backend::KafkaPg.available("the_lag_metric_returns_to_zero_on_kafka") {
@@ -95,29 +86,20 @@ async fn start_default_session(dir: &mut TestDir) -> Daemon {
     .await
 }
 
-/// DAEMON BUG (crates/switchboard-router/src/service.rs `INBOUND_GROUP`,
-/// `IDENTITY_GROUP`, `COMMANDS_GROUP`, and dispatch.rs `DISPATCH_GROUP`: the
-/// consumer group ids are constants, not derived from `bus.topic_prefix`):
-/// two deployments on one Kafka cluster with different topic prefixes (say
-/// staging and production, or two tenants) are members of the same four
-/// groups. Their offsets do not collide (they are per topic), but their
-/// rebalances are one: when an instance of deployment A dies without
-/// leaving (kill -9, a lost host) and is restarted, the group waits for the
-/// dead member's session to expire (45 s by default) before it completes
-/// the rebalance the restart started, and deployment B, which had nothing to
-/// do with it, has its partitions revoked and routes nothing meanwhile.
-/// (The broker's `kafka-consumer-groups --describe --group switchboard-router`
-/// on the test broker lists offsets for the topics of every test prefix.)
-/// Group ids derived from the prefix (or configurable) would keep
-/// deployments apart.
+/// Regression: the consumer group ids used to be constants
+/// (`switchboard-router`, ...) whatever `bus.topic_prefix` said, so two
+/// deployments on one Kafka cluster with different prefixes (staging and
+/// production, two tenants) were members of the same groups. Their offsets
+/// did not collide (they are per topic), but their rebalances were one:
+/// when an instance of deployment A died without leaving (kill -9, a lost
+/// host) and was restarted, the group waited for the dead member's session
+/// to expire (45 s by default) before completing the rebalance the restart
+/// started, and deployment B had its partitions revoked and routed nothing
+/// meanwhile (measured: B routed a message 39.6 s after it was posted). The
+/// groups now follow the prefix (`switchboard_core::Groups`).
 ///
 /// The test: B runs; A runs, is killed with SIGKILL and restarted at once;
-/// a message posted to B 5 s later must be routed within 10 s. Measured:
-/// B routed it after 39.6 s, and A's restarted instance its first message
-/// after 45.6 s (the dead member's session timeout).
-#[ignore = "daemon bug: consumer group ids ignore bus.topic_prefix, so a crashed \
-            instance of one deployment stalls another deployment's routing on the \
-            same cluster for up to session.timeout.ms (service.rs *_GROUP)"]
+/// a message posted to B 5 s later must be routed within 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_with_different_prefixes_do_not_stall_each_other() {
     if !Backend::KafkaPg.available("deployments_with_different_prefixes_do_not_stall_each_other") {

@@ -1,6 +1,6 @@
 //! `switchboard topics create` on Kafka: it creates every topic with
-//! `bus.partitions` partitions, a second run finds them all, and (the
-//! ignored test, a daemon bug) a first run on fresh topics should succeed.
+//! `bus.partitions` partitions, a second run finds them all, and a first run
+//! on fresh topics succeeds (it did not always: a regression test).
 
 use std::process::Command;
 
@@ -56,26 +56,18 @@ async fn topics_create_makes_every_topic_and_a_second_run_finds_them() {
     assert!(stdout.contains("every topic is present"), "{stdout}");
 }
 
-/// DAEMON BUG (crates/switchboard/src/daemon.rs, `create_topics`): right
-/// after `KafkaBus::create_topics` reports the topics created, it calls
-/// `KafkaBus::check_topics`, one metadata request, and now and then the
-/// broker's metadata does not list the brand-new topics yet (KRaft applies
-/// the controller's records to the broker's metadata cache asynchronously).
-/// The command then prints only `error: bus misconfigured: missing kafka
-/// topics: <every topic>` and exits 1, although it created them all: run
-/// again a few hundred milliseconds later, it reports each one `exists`
-/// (run again at once, it can fail the same way). Measured against the
-/// test broker: 2 of 30 and 1 of 12 serial runs by hand, 1 of 20 in this
-/// test, 2 of 30 test directories in three runs of the outbound tests.
-/// `open_bus` at `switchboard run` makes the same single check, so a daemon
-/// started right after its topics were created can refuse to start the same
-/// way. A fix would retry the check for a few seconds. The test helpers work
-/// around it (`Services::ensure_topics` runs the command again).
+/// Regression (crates/switchboard-bus/src/kafka.rs, `check_topics`): right
+/// after `KafkaBus::create_topics` reported the topics created, one metadata
+/// request now and then did not list the brand-new topics yet (KRaft applies
+/// the controller's records to the broker's metadata cache asynchronously),
+/// and the command printed `missing kafka topics: <every topic>` and exited
+/// 1 although it had created them all (2 of 30 and 1 of 12 serial runs by
+/// hand). `switchboard run` made the same single check. `check_topics` now
+/// asks again for up to `TOPIC_CHECK_PATIENCE` before it reports a topic
+/// missing.
 ///
 /// This test creates 20 fresh topic sets and expects every first run to
 /// succeed.
-#[ignore = "daemon bug: `switchboard topics create` fails about 1 run in 15 with \
-            \"missing kafka topics\" right after creating them (daemon.rs create_topics)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_create_succeeds_on_its_first_run() {
     if !Backend::KafkaPg.available("topics_create_succeeds_on_its_first_run") {

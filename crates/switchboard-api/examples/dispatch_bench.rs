@@ -311,6 +311,7 @@ fn message(prefix: &str, i: usize, customers: usize) -> OutboundMessage {
         attachments: Vec::new(),
         template: None,
         attempt: 1,
+        thread: Default::default(),
     }
 }
 

@@ -228,6 +228,7 @@ impl Outbound for ApiChannel {
                     .and_then(|v| v.get("id").and_then(|id| id.as_str().map(str::to_owned)));
                 Ok(SendReceipt {
                     provider_message_id,
+                    segments: None,
                 })
             }
             429 => Err(SendError::Throttled {

@@ -127,6 +127,7 @@ fn message() -> OutboundMessage {
         attachments: vec![],
         template: None,
         attempt: 2,
+        thread: Default::default(),
     }
 }
 

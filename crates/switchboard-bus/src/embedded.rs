@@ -520,6 +520,33 @@ impl Bus for EmbeddedBus {
             .map(|((end, done), p)| (p, end.saturating_sub(done)))
             .collect())
     }
+
+    async fn partitions(&self, topic: &str) -> Result<u32, BusError> {
+        Ok(self.inner.topic(topic)?.partitions)
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Record>, BusError> {
+        let t = Arc::clone(self.inner.topic(topic)?);
+        if partition >= t.partitions {
+            return Err(BusError::Config(format!(
+                "{topic} has {} partitions; there is no partition {partition}",
+                t.partitions
+            )));
+        }
+        self.inner
+            .with_reader("read records", move |conn| {
+                let mut out = Vec::new();
+                read_partition(conn, &t.name, partition, from, max, &mut out)?;
+                Ok(out)
+            })
+            .await
+    }
 }
 
 /// A consumer over every partition of one topic.
@@ -686,6 +713,57 @@ pub(crate) fn load_ends(
                 .collect()
         })
         .collect()
+}
+
+/// A read-only view of an embedded log that another process may own: it
+/// takes no lock and never writes, so the tools (`switchboard dlq list`) can
+/// read while the daemon runs. SQLite's WAL mode lets it read committed
+/// records beside the owner's writer.
+pub struct LogReader {
+    conn: Mutex<Connection>,
+}
+
+impl LogReader {
+    /// Opens the log in `dir` (the daemon's `data_dir/bus`) for reading.
+    pub fn open(dir: &Path) -> Result<LogReader, BusError> {
+        let path = dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(BusError::Config(format!(
+                "no embedded log at {} (has the daemon run with this data_dir?)",
+                path.display()
+            )));
+        }
+        Ok(LogReader {
+            conn: Mutex::new(open_reader(&path)?),
+        })
+    }
+
+    /// How many partitions `topic` has.
+    pub fn partitions(&self, topic: &str) -> Result<u32, BusError> {
+        lock(&self.conn)
+            .query_row(
+                "SELECT partitions FROM topics WHERE name = ?1",
+                [topic],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| io_err("read topics", &e))?
+            .ok_or_else(|| BusError::UnknownTopic(topic.to_owned()))
+    }
+
+    /// Up to `max` records of one partition from offset `from`, in order.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Record>, BusError> {
+        let mut out = Vec::new();
+        read_partition(&lock(&self.conn), topic, partition, from, max, &mut out)
+            .map_err(|e| io_err("read records", &e))?;
+        Ok(out)
+    }
 }
 
 /// Takes the exclusive lock on the data directory, held while the file is

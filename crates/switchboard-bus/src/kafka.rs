@@ -8,15 +8,25 @@
 //!   only for partitions the member still owns (a commit for a partition
 //!   revoked in between is dropped: the new owner redelivers, which routing's
 //!   idempotency makes harmless).
-//! - Rebalances happen inside `poll`, and the daemon's loops call `poll` only
-//!   after the previous batch is stored and committed, so a revoke never
-//!   lands in the middle of a batch's work.
+//! - Rebalances happen inside `poll`. The daemon's loops call `poll` only
+//!   after the previous batch is stored (its events may still be on their
+//!   way to the bus, its offsets not yet committed), so a revoke never lands
+//!   in the middle of a store transaction; a commit for a partition revoked
+//!   meanwhile is dropped as above.
+//! - A commit the group refuses because this member lost its membership
+//!   (`UnknownMemberId`, `IllegalGeneration`, `RebalanceInProgress`,
+//!   `FencedInstanceId`, e.g. after an outage longer than
+//!   `session.timeout.ms`) is dropped too, so the loop returns to `poll`,
+//!   where librdkafka rejoins the group; the records are redelivered.
+//! - When publishes keep timing out while the broker answers (librdkafka can
+//!   stay stuck after a KRaft leader fencing), the producer is recreated;
+//!   until a publish succeeds again, [`Bus::ready`] says why it is not.
 //! - Every librdkafka setting can be passed through (`bus.kafka.options`),
 //!   SASL and TLS included; the passed values win over our defaults.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -27,7 +37,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use switchboard_core::bus::{Outgoing, Position};
 use switchboard_core::{Bus, BusError, Consumer, Record};
@@ -78,11 +88,27 @@ fn io(e: KafkaError) -> BusError {
     }
 }
 
+/// How long [`KafkaBus::check_topics`] waits for topics to show up in the
+/// broker's metadata.
+pub const TOPIC_CHECK_PATIENCE: Duration = Duration::from_secs(5);
+
 /// The Kafka bus.
 #[derive(Clone)]
 pub struct KafkaBus {
     config: KafkaConfig,
-    producer: FutureProducer,
+    producer: Arc<RwLock<FutureProducer>>,
+    health: Arc<Mutex<ProducerHealth>>,
+}
+
+/// Whether publishes are getting through.
+#[derive(Debug)]
+struct ProducerHealth {
+    /// Since when every publish has failed.
+    failing_since: Option<Instant>,
+    /// The last failure: when, and why.
+    last_failure: Option<(Instant, String)>,
+    /// When the producer was last created.
+    created: Instant,
 }
 
 impl std::fmt::Debug for KafkaBus {
@@ -98,8 +124,21 @@ impl KafkaBus {
     /// Connects the producer. Nothing is sent until the first publish;
     /// [`KafkaBus::check_topics`] verifies the broker and the topics.
     pub fn connect(config: KafkaConfig) -> Result<Self, BusError> {
+        let producer = Self::new_producer(&config)?;
+        Ok(KafkaBus {
+            config,
+            producer: Arc::new(RwLock::new(producer)),
+            health: Arc::new(Mutex::new(ProducerHealth {
+                failing_since: None,
+                last_failure: None,
+                created: Instant::now(),
+            })),
+        })
+    }
+
+    fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
         let timeout = config.publish_timeout.as_millis().to_string();
-        let producer: FutureProducer = config
+        config
             .client(&[
                 ("enable.idempotence", "true"),
                 ("acks", "all"),
@@ -108,8 +147,87 @@ impl KafkaBus {
                 ("message.timeout.ms", timeout.as_str()),
             ])
             .create()
-            .map_err(|e| BusError::Config(format!("cannot create the kafka producer: {e}")))?;
-        Ok(KafkaBus { config, producer })
+            .map_err(|e| BusError::Config(format!("cannot create the kafka producer: {e}")))
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Notes how a publish ended. A success clears the failure. A record
+    /// that timed out (it waited a whole publish timeout in the producer)
+    /// recreates the producer, at most once per publish timeout: during a
+    /// real outage the new producer waits for the broker like the old one
+    /// would have, and after one it does not inherit a stuck state.
+    fn note(&self, result: &Result<Position, BusError>, timed_out: bool) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let error = match result {
+            Ok(_) => {
+                if h.failing_since.take().is_some() {
+                    tracing::info!("kafka publishes succeed again");
+                }
+                return;
+            }
+            Err(e) => e.to_string(),
+        };
+        let now = Instant::now();
+        let since = *h.failing_since.get_or_insert(now);
+        h.last_failure = Some((now, error));
+        if !timed_out || h.created.elapsed() < self.config.publish_timeout {
+            return;
+        }
+        match Self::new_producer(&self.config) {
+            Ok(fresh) => {
+                let old = std::mem::replace(
+                    &mut *self.producer.write().unwrap_or_else(|p| p.into_inner()),
+                    fresh,
+                );
+                h.created = Instant::now();
+                tracing::warn!(
+                    failing_for_s = since.elapsed().as_secs(),
+                    "kafka publishes keep timing out; producer recreated"
+                );
+                // What the old producer still holds has timed out already;
+                // dropping it waits for librdkafka, so not on this thread.
+                std::thread::spawn(move || {
+                    old.purge(PurgeConfig::default().queue().inflight());
+                    drop(old);
+                });
+            }
+            Err(error) => tracing::warn!(%error, "cannot recreate the kafka producer"),
+        }
+    }
+
+    /// Awaits a publish's acknowledgements in a task of its own, so its
+    /// outcome is noted even when the caller stops waiting (an HTTP
+    /// deadline).
+    async fn deliver(
+        &self,
+        futures: Vec<rdkafka::producer::DeliveryFuture>,
+    ) -> Result<Vec<Position>, BusError> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::with_capacity(futures.len());
+            for f in futures {
+                match delivered(f).await {
+                    Ok(p) => out.push(p),
+                    Err((e, timed_out)) => {
+                        let e = Err(e);
+                        this.note(&e, timed_out);
+                        return e.map(|_: Position| Vec::new());
+                    }
+                }
+            }
+            if let Some(p) = out.last() {
+                this.note(&Ok(*p), false);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| BusError::Io(format!("publish task failed: {e}")))?
     }
 
     fn admin(&self) -> Result<AdminClient<DefaultClientContext>, BusError> {
@@ -157,7 +275,7 @@ impl KafkaBus {
 
     /// The topics of `topics` that the broker does not have.
     pub async fn missing_topics(&self, topics: &[&str]) -> Result<Vec<String>, BusError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let wanted: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
         tokio::task::spawn_blocking(move || {
             let md = producer
@@ -174,22 +292,32 @@ impl KafkaBus {
         .map_err(|e| BusError::Io(e.to_string()))?
     }
 
-    /// Fails, naming them, if any of `topics` is missing.
+    /// Fails, naming them, if any of `topics` is missing. A broker's
+    /// metadata cache learns of new topics a moment after the controller
+    /// created them (KRaft applies them asynchronously), so a topic missing
+    /// from one answer is asked for again, for up to
+    /// [`TOPIC_CHECK_PATIENCE`], before it is reported missing.
     pub async fn check_topics(&self, topics: &[&str]) -> Result<(), BusError> {
-        let missing = self.missing_topics(topics).await?;
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(BusError::Config(format!(
-                "missing kafka topics: {} (create them with `switchboard topics create`)",
-                missing.join(", ")
-            )))
+        let deadline = tokio::time::Instant::now() + TOPIC_CHECK_PATIENCE;
+        loop {
+            let missing = self.missing_topics(topics).await?;
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BusError::Config(format!(
+                    "missing kafka topics: {} (create them with `switchboard topics create`)",
+                    missing.join(", ")
+                )));
+            }
+            tracing::debug!(missing = %missing.join(","), "topics not in the metadata yet");
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
     /// Waits until every queued record is acknowledged (at shutdown).
     pub async fn flush(&self, timeout: Duration) {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let res = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
         if let Ok(Err(error)) = res {
             tracing::warn!(%error, "kafka producer flush incomplete");
@@ -203,14 +331,15 @@ impl KafkaBus {
         payload: &'a [u8],
     ) -> Result<rdkafka::producer::DeliveryFuture, BusError> {
         let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        let producer = self.producer();
         // The queue is only full under a burst larger than
         // queue.buffering.max.messages; wait for librdkafka to drain it.
         for _ in 0..600 {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(f) => return Ok(f),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
-                    self.producer.poll(Duration::from_millis(50));
+                    producer.poll(Duration::from_millis(50));
                 }
                 Err((e, _)) => return Err(io(e)),
             }
@@ -221,14 +350,18 @@ impl KafkaBus {
     }
 }
 
-async fn delivered(f: rdkafka::producer::DeliveryFuture) -> Result<Position, BusError> {
+/// One acknowledgement; on failure, whether the record timed out.
+async fn delivered(f: rdkafka::producer::DeliveryFuture) -> Result<Position, (BusError, bool)> {
     match f.await {
         Ok(Ok(d)) => Ok(Position {
             partition: u32::try_from(d.partition).unwrap_or_default(),
             offset: u64::try_from(d.offset).unwrap_or_default(),
         }),
-        Ok(Err((e, _))) => Err(io(e)),
-        Err(_) => Err(BusError::Closed),
+        Ok(Err((e, _))) => {
+            let timed_out = e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut);
+            Err((io(e), timed_out))
+        }
+        Err(_) => Err((BusError::Closed, false)),
     }
 }
 
@@ -241,7 +374,8 @@ impl Bus for KafkaBus {
         payload: Vec<u8>,
     ) -> Result<Position, BusError> {
         let f = self.enqueue(topic, key, &payload)?;
-        delivered(f).await
+        let mut positions = self.deliver(vec![f]).await?;
+        positions.pop().ok_or(BusError::Closed)
     }
 
     async fn publish_batch(&self, records: Vec<Outgoing>) -> Result<Vec<Position>, BusError> {
@@ -251,11 +385,7 @@ impl Bus for KafkaBus {
         for r in &records {
             futures.push(self.enqueue(&r.topic, &r.key, &r.payload)?);
         }
-        let mut out = Vec::with_capacity(futures.len());
-        for f in futures {
-            out.push(delivered(f).await?);
-        }
-        Ok(out)
+        self.deliver(futures).await
     }
 
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Consumer>, BusError> {
@@ -280,7 +410,22 @@ impl Bus for KafkaBus {
     }
 
     async fn ready(&self) -> Result<(), BusError> {
-        let producer = self.producer.clone();
+        {
+            // Not ready while publishes fail; a failure older than a publish
+            // timeout with nothing published since no longer counts (an
+            // idle daemon would otherwise never turn ready again), and the
+            // broker's answer below decides.
+            let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(since), Some((last, error))) = (h.failing_since, &h.last_failure)
+                && last.elapsed() < self.config.publish_timeout
+            {
+                return Err(BusError::Io(format!(
+                    "kafka publishes failing for {} s: {error}",
+                    since.elapsed().as_secs()
+                )));
+            }
+        }
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -328,6 +473,85 @@ impl Bus for KafkaBus {
         })
         .await
         .map_err(|e| BusError::Io(e.to_string()))?
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<u32, BusError> {
+        let producer = self.producer();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let md = producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(io)?;
+            let n = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map(|t| t.partitions().len())
+                .ok_or_else(|| BusError::UnknownTopic(topic.clone()))?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        })
+        .await
+        .map_err(|e| BusError::Io(e.to_string()))?
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Record>, BusError> {
+        let consumer = self.reader()?;
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let p = i32::try_from(partition).unwrap_or(i32::MAX);
+            let timeout = Duration::from_secs(10);
+            let (low, high) = consumer.fetch_watermarks(&topic, p, timeout).map_err(io)?;
+            let start = i64::try_from(from).unwrap_or(i64::MAX).max(low);
+            if start >= high || max == 0 {
+                return Ok(Vec::new());
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, p, Offset::Offset(start))
+                .map_err(io)?;
+            consumer.assign(&tpl).map_err(io)?;
+            let mut out = Vec::new();
+            let deadline = std::time::Instant::now() + timeout;
+            while out.len() < max && std::time::Instant::now() < deadline {
+                match consumer.poll(Duration::from_millis(500)) {
+                    Some(Ok(m)) => {
+                        let last = m.offset() + 1 >= high;
+                        out.push(record_of(&m));
+                        if last {
+                            break;
+                        }
+                    }
+                    Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => return Err(io(e)),
+                    None => {}
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| BusError::Io(e.to_string()))?
+    }
+}
+
+impl KafkaBus {
+    /// A consumer outside any group (for reads by assignment).
+    fn reader(&self) -> Result<BaseConsumer, BusError> {
+        self.config
+            .client(&[
+                ("group.id", "switchboard-reader"),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("enable.partition.eof", "true"),
+                ("isolation.level", "read_committed"),
+            ])
+            .create()
+            .map_err(|e| BusError::Config(format!("cannot create a kafka reader: {e}")))
     }
 }
 
@@ -439,8 +663,38 @@ impl Consumer for KafkaConsumer {
             return Ok(());
         }
         let consumer = Arc::clone(&self.consumer);
-        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync).map_err(io))
+        let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
             .await
-            .map_err(|e| BusError::Io(e.to_string()))?
+            .map_err(|e| BusError::Io(e.to_string()))?;
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) if membership_lost(&e) => {
+                // The partitions are someone else's now (or ours again after
+                // rejoining, which only `poll` can do): the new owner
+                // redelivers these records and routing skips them.
+                tracing::warn!(
+                    topic = %self.topic, error = %e,
+                    "offset commit dropped: this member lost its group membership"
+                );
+                Ok(())
+            }
+            Err(e) => Err(io(e)),
+        }
     }
+}
+
+/// Whether a commit failed because this member is no longer (or not yet
+/// again) in the group's current generation.
+fn membership_lost(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::FencedInstanceId
+                | RDKafkaErrorCode::StaleMemberEpoch
+                | RDKafkaErrorCode::AssignmentLost
+        )
+    )
 }

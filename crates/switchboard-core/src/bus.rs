@@ -102,6 +102,30 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Records not yet committed by `group` on `topic`, per partition.
     async fn lag(&self, topic: &str, group: &str) -> Result<Vec<(u32, u64)>, BusError>;
+
+    /// How many partitions `topic` has.
+    async fn partitions(&self, topic: &str) -> Result<u32, BusError> {
+        Err(BusError::Config(format!(
+            "this bus cannot list the partitions of {topic}"
+        )))
+    }
+
+    /// Reads up to `max` records of one partition from offset `from`, in
+    /// order, outside any consumer group: nothing is committed or moved (the
+    /// dead-letter tools read this way). An empty answer means the partition
+    /// has nothing at or after `from`.
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Record>, BusError> {
+        let _ = (partition, from, max);
+        Err(BusError::Config(format!(
+            "this bus cannot read {topic} outside a consumer group"
+        )))
+    }
 }
 
 /// A member of a consumer group.
@@ -138,6 +162,40 @@ pub struct Topics {
     pub commands: String,
     /// Dead letters, keyed by the original key.
     pub dlq: String,
+    /// The consumer groups reading them.
+    pub groups: Groups,
+}
+
+/// Consumer group ids, derived from the topic prefix: two deployments on one
+/// cluster (two prefixes, say staging and production) never share a group,
+/// so a crashed instance of one never holds up the other's rebalance. The
+/// default prefix `switchboard.` gives `switchboard-router`,
+/// `switchboard-identity`, `switchboard-commands` and
+/// `switchboard-dispatcher`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Groups {
+    /// Threads `inbound.v1` (or `routed.v1` when re-keying).
+    pub router: String,
+    /// Resolves identities on `inbound.v1` when re-keying.
+    pub identity: String,
+    /// Applies `commands.v1`.
+    pub commands: String,
+    /// Sends `outbound.v1`.
+    pub dispatcher: String,
+}
+
+impl Groups {
+    /// The groups of the deployment whose topics start with `prefix`.
+    pub fn with_prefix(prefix: &str) -> Self {
+        let stem = prefix.trim_end_matches(['.', '-', '_']);
+        let stem = if stem.is_empty() { "switchboard" } else { stem };
+        Groups {
+            router: format!("{stem}-router"),
+            identity: format!("{stem}-identity"),
+            commands: format!("{stem}-commands"),
+            dispatcher: format!("{stem}-dispatcher"),
+        }
+    }
 }
 
 impl Topics {
@@ -151,6 +209,7 @@ impl Topics {
             delivery: format!("{prefix}delivery.v1"),
             commands: format!("{prefix}commands.v1"),
             dlq: format!("{prefix}dlq.v1"),
+            groups: Groups::with_prefix(prefix),
         }
     }
 
@@ -207,5 +266,17 @@ mod tests {
         }
         assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
         assert_eq!(partition_for(b"x", 0), 0);
+    }
+
+    #[test]
+    fn groups_follow_the_topic_prefix() {
+        let default = Topics::default();
+        assert_eq!(default.groups.router, "switchboard-router");
+        assert_eq!(default.groups.dispatcher, "switchboard-dispatcher");
+        let staging = Topics::with_prefix("staging.");
+        assert_eq!(staging.inbound, "staging.inbound.v1");
+        assert_eq!(staging.groups.router, "staging-router");
+        assert_eq!(staging.groups.commands, "staging-commands");
+        assert_eq!(Groups::with_prefix("").identity, "switchboard-identity");
     }
 }

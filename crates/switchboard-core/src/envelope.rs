@@ -180,6 +180,10 @@ pub struct ProviderRaw {
     /// A reference into the attachment store, when the original is large.
     #[serde(default)]
     pub storage_ref: Option<String>,
+    /// Why the original could not be normalized, when it could not: the
+    /// envelope then carries only what could be read, and the original.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parse_error: Option<String>,
 }
 
 /// Ids that connect log lines and metrics across the pipeline.

@@ -18,11 +18,11 @@ pub mod records;
 pub mod schemas;
 pub mod secret;
 
-pub use bus::{Bus, BusError, Consumer, Record, Topics};
+pub use bus::{Bus, BusError, Consumer, Groups, Record, Topics};
 pub use envelope::{Attachment, Channel, Direction, Envelope, ProviderRaw, ThreadHints, Trace};
 pub use identity::{Identity, IdentityError, IdentityKind};
 pub use intake::{Intake, IntakeError, Received};
-pub use outbound::{Outbound, OutboundMessage, SendError, SendReceipt};
+pub use outbound::{Outbound, OutboundMessage, SendError, SendReceipt, ThreadRefs};
 pub use records::{
     Command, CommandKind, DeadLetter, Delivery, DeliveryError, DeliveryState, Event, EventKind,
     OutboundRequest, Template, ThreadRule,

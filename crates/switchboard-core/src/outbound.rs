@@ -43,6 +43,20 @@ pub struct OutboundMessage {
     pub template: Option<Template>,
     /// Attempt number, from 1.
     pub attempt: u32,
+    /// What the message answers, for email threading (In-Reply-To,
+    /// References); empty on other channels and in new conversations.
+    pub thread: ThreadRefs,
+}
+
+/// The Message-IDs an email reply names so that the customer's client
+/// threads it. Ids are kept without angle brackets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThreadRefs {
+    /// The message answered: the customer's latest message in the
+    /// conversation (In-Reply-To).
+    pub in_reply_to: Option<String>,
+    /// The conversation's Message-IDs, oldest first (References).
+    pub references: Vec<String>,
 }
 
 /// What the provider said on success.
@@ -50,6 +64,8 @@ pub struct OutboundMessage {
 pub struct SendReceipt {
     /// The provider's id for the message.
     pub provider_message_id: Option<String>,
+    /// How many parts (SMS segments) the provider bills, where it says.
+    pub segments: Option<u32>,
 }
 
 /// Why a send failed. The variant says whether trying again can help.
@@ -148,6 +164,15 @@ pub trait Outbound: Send + Sync + 'static {
     /// The account to send from when the request and the conversation name
     /// none.
     fn default_account(&self) -> Option<String>;
+
+    /// The id the message will carry on the wire where the channel has one
+    /// of its own making (an email Message-ID, without angle brackets). The
+    /// dispatcher stores it with the message, so an answer naming it threads
+    /// back. `None` (the default): the channel has none.
+    fn wire_message_id(&self, account: &str, message_id: Uuid) -> Option<String> {
+        let _ = (account, message_id);
+        None
+    }
 
     /// Makes one attempt.
     async fn send(&self, msg: &OutboundMessage) -> Result<SendReceipt, SendError>;

@@ -33,7 +33,7 @@ use switchboard_core::records::DeliverySchema;
 use switchboard_core::{
     Bus, Channel, DeadLetter, Delivery, DeliveryError, DeliveryState, Direction, Envelope,
     EventKind, Identity, IdentityKind, Outbound, OutboundMessage, OutboundRequest, Record,
-    Retryable, SendError, SendReceipt, ThreadHints, Topics, Trace, decode_outbound,
+    Retryable, SendError, SendReceipt, ThreadHints, ThreadRefs, Topics, Trace, decode_outbound,
 };
 use switchboard_store::{
     ConversationStatus, OutboundRecord, OutboundState, Store, StoreError, Tx, millis,
@@ -44,7 +44,8 @@ use uuid::Uuid;
 use crate::route::{RouteError, Router};
 use crate::service::{OutboxPublisher, PipelineError, retry_bus};
 
-/// The consumer group reading `outbound.v1`.
+/// The consumer group reading `outbound.v1` under the default topic prefix
+/// (the groups follow the prefix: [`switchboard_core::Groups`]).
 pub const DISPATCH_GROUP: &str = "switchboard-dispatcher";
 
 /// How a channel retries.
@@ -201,6 +202,7 @@ pub struct DispatchMetrics {
     attempts: IntCounterVec,
     requests: IntCounterVec,
     send_seconds: HistogramVec,
+    segments: IntCounterVec,
 }
 
 impl DispatchMetrics {
@@ -228,7 +230,15 @@ impl DispatchMetrics {
                 ),
                 &["channel"],
             )?,
+            segments: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_outbound_segments_total",
+                    "message parts (SMS segments) the providers reported for sent messages, by channel",
+                ),
+                &["channel"],
+            )?,
         };
+        registry.register(Box::new(m.segments.clone()))?;
         registry.register(Box::new(m.attempts.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.send_seconds.clone()))?;
@@ -310,7 +320,7 @@ impl Dispatcher {
     ) -> Result<(), PipelineError> {
         let mut consumer = self
             .bus
-            .subscribe(&self.topics.outbound, DISPATCH_GROUP)
+            .subscribe(&self.topics.outbound, &self.topics.groups.dispatcher)
             .await?;
         self.outbox.flush().await?;
         loop {
@@ -422,7 +432,12 @@ impl Dispatcher {
                 .iter()
                 .map(|(i, reason)| {
                     let r = &records[*i];
-                    let letter = DeadLetter::for_record(r, DISPATCH_GROUP, reason.clone(), false);
+                    let letter = DeadLetter::for_record(
+                        r,
+                        &self.topics.groups.dispatcher,
+                        reason.clone(),
+                        false,
+                    );
                     Outgoing {
                         topic: self.topics.dlq.clone(),
                         key: r.key.clone(),
@@ -443,7 +458,7 @@ impl Dispatcher {
             let store = Arc::clone(&self.store);
             let batch = records.to_vec();
             let ctx = PrepareCtx {
-                dlq: self.topics.dlq.clone(),
+                topics: self.topics.clone(),
                 router: self.router.clone(),
                 adapters: self.adapters.clone(),
                 settings: self.settings.clone(),
@@ -505,9 +520,9 @@ impl Dispatcher {
             let store = Arc::clone(&self.store);
             let router = self.router.clone();
             let results = Arc::clone(&results);
-            let dlq = self.topics.dlq.clone();
+            let topics = self.topics.clone();
             let res = tokio::task::spawn_blocking(move || {
-                record_results(&*store, &router, &dlq, &results)
+                record_results(&*store, &router, &topics, &results)
             })
             .await
             .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));
@@ -528,13 +543,18 @@ impl Dispatcher {
 /// records the failure, so a crash cannot lose it.
 fn push_dead_letter(
     tx: &mut dyn Tx,
-    dlq: &str,
+    topics: &Topics,
     source: &Record,
     reason: &str,
 ) -> Result<(), StoreError> {
-    let letter = DeadLetter::for_record(source, DISPATCH_GROUP, reason.to_owned(), false);
+    let letter = DeadLetter::for_record(
+        source,
+        &topics.groups.dispatcher,
+        reason.to_owned(),
+        false,
+    );
     let payload = serde_json::to_vec(&letter).map_err(|e| StoreError::Rejected(e.to_string()))?;
-    tx.push_outbox(dlq, &source.key, &payload)
+    tx.push_outbox(&topics.dlq, &source.key, &payload)
 }
 
 fn channel_of(r: &Record) -> String {
@@ -565,9 +585,16 @@ async fn send_with_retries(
         match res {
             Ok(receipt) => {
                 metrics.attempts.with_label_values(&[channel, "sent"]).inc();
+                if let Some(n) = receipt.segments {
+                    metrics
+                        .segments
+                        .with_label_values(&[channel])
+                        .inc_by(u64::from(n));
+                }
                 tracing::info!(
                     message_id = %msg.message_id, key = %msg.idempotency_key, channel, attempt,
                     provider_message_id = receipt.provider_message_id.as_deref().unwrap_or(""),
+                    segments = receipt.segments.unwrap_or(0),
                     "message sent"
                 );
                 return Sent::Ok(receipt, attempt);
@@ -603,7 +630,7 @@ async fn send_with_retries(
 }
 
 struct PrepareCtx {
-    dlq: String,
+    topics: Topics,
     router: Router,
     adapters: HashMap<Channel, Arc<dyn Outbound>>,
     settings: DispatchSettings,
@@ -615,6 +642,37 @@ struct PrepareCtx {
 pub fn outbound_message_id(idempotency_key: &str) -> Uuid {
     const NAMESPACE: Uuid = Uuid::from_u128(0x5b1f_0c2e_8a4d_4c3e_9f6a_2d7e_1b0c_a901);
     Uuid::new_v5(&NAMESPACE, idempotency_key.as_bytes())
+}
+
+/// How many of a conversation's Message-IDs a reply names in References.
+const THREAD_REFS: usize = 50;
+
+/// In-Reply-To and References of a reply, from the conversation's
+/// Message-IDs (newest first): it answers the customer's latest message
+/// (or, if the customer's messages carry none, the latest one), and refers
+/// to all of them, oldest first. `own` (the reply's own id, when it is
+/// stored already) is left out.
+fn thread_refs(newest_first: Vec<(Direction, String)>, own: Option<&str>) -> ThreadRefs {
+    let ids: Vec<(Direction, String)> = newest_first
+        .into_iter()
+        .filter(|(_, id)| Some(id.as_str()) != own)
+        .take(THREAD_REFS)
+        .collect();
+    let in_reply_to = ids
+        .iter()
+        .find(|(d, _)| *d == Direction::Inbound)
+        .or(ids.first())
+        .map(|(_, id)| id.clone());
+    let mut references: Vec<String> = Vec::with_capacity(ids.len());
+    for (_, id) in ids.into_iter().rev() {
+        if !references.contains(&id) {
+            references.push(id);
+        }
+    }
+    ThreadRefs {
+        in_reply_to,
+        references,
+    }
 }
 
 /// The channel that an identity's kind is reached on.
@@ -840,6 +898,17 @@ impl PrepareCtx {
         let message_id = req
             .message_id
             .unwrap_or_else(|| outbound_message_id(&req.idempotency_key));
+        // Email replies name the conversation's messages (In-Reply-To,
+        // References) and carry an id of the adapter's making, stored so that
+        // the customer's answer threads back.
+        let wire_id = adapter.and_then(|a| a.wire_message_id(&account, message_id));
+        let thread = match &conversation {
+            Some(c) if channel == Channel::Email => thread_refs(
+                tx.thread_message_ids(c.id, THREAD_REFS)?,
+                wire_id.as_deref(),
+            ),
+            _ => ThreadRefs::default(),
+        };
         let env = Envelope {
             schema: EnvelopeSchema::V1,
             id: message_id,
@@ -859,7 +928,12 @@ impl PrepareCtx {
             subject: req.subject.clone(),
             text: req.text.clone(),
             attachments: req.attachments.clone(),
-            thread_hints: ThreadHints::default(),
+            thread_hints: ThreadHints {
+                message_id: wire_id,
+                in_reply_to: thread.in_reply_to.clone().into_iter().collect(),
+                references: thread.references.clone(),
+                provider_thread_id: None,
+            },
             provider_raw: None,
             trace: Trace::default(),
         };
@@ -918,7 +992,7 @@ impl PrepareCtx {
                     }),
                 ),
             )?;
-            push_dead_letter(tx, &self.dlq, source, &reason)?;
+            push_dead_letter(tx, &self.topics, source, &reason)?;
             return Ok(Prepared::Failed(reason));
         }
         self.router
@@ -937,6 +1011,7 @@ impl PrepareCtx {
             attachments: req.attachments.clone(),
             template: req.template.clone(),
             attempt: 0,
+            thread,
         };
         Ok(Prepared::Send(Box::new(Job {
             msg,
@@ -969,6 +1044,15 @@ impl PrepareCtx {
         let from = adapter
             .sender(&record.account)
             .map_err(|e| RouteError::Rejected(e.to_string()))?;
+        let thread = if record.channel == Channel::Email {
+            let own = adapter.wire_message_id(&record.account, record.message_id);
+            thread_refs(
+                tx.thread_message_ids(record.conversation_id, THREAD_REFS + 1)?,
+                own.as_deref(),
+            )
+        } else {
+            ThreadRefs::default()
+        };
         tracing::warn!(
             key = %record.idempotency_key, message_id = %record.message_id, channel = %record.channel,
             idempotent_provider = adapter.idempotent(),
@@ -988,6 +1072,7 @@ impl PrepareCtx {
             attachments: req.attachments,
             template: req.template,
             attempt: 0,
+            thread,
         };
         Ok(Prepared::Send(Box::new(Job {
             msg,
@@ -1005,7 +1090,7 @@ impl PrepareCtx {
 fn record_results(
     store: &dyn Store,
     router: &Router,
-    dlq: &str,
+    topics: &Topics,
     results: &[(usize, Box<Job>, Sent)],
 ) -> Result<(), StoreError> {
     let mut tx = store.begin()?;
@@ -1073,8 +1158,33 @@ fn record_results(
             Err(RouteError::Rejected(reason)) => return Err(StoreError::Rejected(reason)),
         }
         if let Some(e) = &error {
-            push_dead_letter(&mut *tx, dlq, &job.source, &e.to_string())?;
+            push_dead_letter(&mut *tx, topics, &job.source, &e.to_string())?;
         }
     }
     tx.commit()
+}
+
+#[cfg(test)]
+mod thread_tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_answers_the_customers_latest_message_and_refers_to_all() {
+        let ids = vec![
+            (Direction::Outbound, "r2@us".to_owned()),
+            (Direction::Inbound, "m2@them".to_owned()),
+            (Direction::Outbound, "r1@us".to_owned()),
+            (Direction::Inbound, "m1@them".to_owned()),
+        ];
+        let t = thread_refs(ids.clone(), None);
+        assert_eq!(t.in_reply_to.as_deref(), Some("m2@them"));
+        assert_eq!(t.references, ["m1@them", "r1@us", "m2@them", "r2@us"]);
+        // Its own id (stored already when resumed) is not a reference.
+        let t = thread_refs(ids, Some("r2@us"));
+        assert_eq!(t.references, ["m1@them", "r1@us", "m2@them"]);
+        // Only our own messages carry ids: answer the latest.
+        let t = thread_refs(vec![(Direction::Outbound, "r1@us".into())], None);
+        assert_eq!(t.in_reply_to.as_deref(), Some("r1@us"));
+        assert_eq!(thread_refs(vec![], None), ThreadRefs::default());
+    }
 }

@@ -18,12 +18,13 @@ use tokio::task::JoinHandle;
 
 use crate::route::{RouteError, Routed, Router};
 
-/// The consumer group routing `inbound.v1`.
+/// The consumer group routing `inbound.v1` under the default topic prefix
+/// (the groups follow the prefix: [`switchboard_core::Groups`]).
 pub const INBOUND_GROUP: &str = "switchboard-router";
 /// The consumer group resolving identities on `inbound.v1` when work is
-/// re-keyed by customer.
+/// re-keyed by customer, under the default prefix.
 pub const IDENTITY_GROUP: &str = "switchboard-identity";
-/// The consumer group applying `commands.v1`.
+/// The consumer group applying `commands.v1`, under the default prefix.
 pub const COMMANDS_GROUP: &str = "switchboard-commands";
 
 /// Why a consumer loop stopped.
@@ -118,10 +119,11 @@ pub struct Pipeline {
     rekey: bool,
 }
 
+/// A batch's publishing stage: resolves to the offsets to commit for it.
+type PublishStage = JoinHandle<Result<Vec<(u32, u64)>, PipelineError>>;
+
 /// Waits for a batch's publishing stage: the offsets to commit for it.
-async fn join_publish(
-    stage: Option<JoinHandle<Result<Vec<(u32, u64)>, PipelineError>>>,
-) -> Result<Vec<(u32, u64)>, PipelineError> {
+async fn join_publish(stage: Option<PublishStage>) -> Result<Vec<(u32, u64)>, PipelineError> {
     match stage {
         None => Ok(Vec::new()),
         Some(handle) => handle.await.unwrap_or_else(|join| {
@@ -197,9 +199,10 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let consumer = self
             .bus
-            .subscribe(&self.topics.inbound, IDENTITY_GROUP)
+            .subscribe(&self.topics.inbound, &self.topics.groups.identity)
             .await?;
-        self.run_loop(consumer, IDENTITY_GROUP, shutdown, Kind::Identity)
+        let group = self.topics.groups.identity.clone();
+        self.run_loop(consumer, group, shutdown, Kind::Identity)
             .await
     }
 
@@ -214,8 +217,9 @@ impl Pipeline {
         } else {
             &self.topics.inbound
         };
-        let consumer = self.bus.subscribe(topic, INBOUND_GROUP).await?;
-        self.run_loop(consumer, INBOUND_GROUP, shutdown, Kind::Inbound)
+        let group = self.topics.groups.router.clone();
+        let consumer = self.bus.subscribe(topic, &group).await?;
+        self.run_loop(consumer, group, shutdown, Kind::Inbound)
             .await
     }
 
@@ -226,16 +230,17 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let consumer = self
             .bus
-            .subscribe(&self.topics.commands, COMMANDS_GROUP)
+            .subscribe(&self.topics.commands, &self.topics.groups.commands)
             .await?;
-        self.run_loop(consumer, COMMANDS_GROUP, shutdown, Kind::Commands)
+        let group = self.topics.groups.commands.clone();
+        self.run_loop(consumer, group, shutdown, Kind::Commands)
             .await
     }
 
     async fn run_loop(
         self: &Arc<Self>,
         mut consumer: Box<dyn Consumer>,
-        group: &'static str,
+        group: String,
         mut shutdown: watch::Receiver<bool>,
         kind: Kind,
     ) -> Result<(), PipelineError> {
@@ -247,14 +252,15 @@ impl Pipeline {
         // committed once both its publishing and N's store transaction are
         // done, so an offset is never committed before its effect is stored
         // and its events are on the bus.
-        let mut publishing: Option<JoinHandle<Result<Vec<(u32, u64)>, PipelineError>>> = None;
+        let mut publishing: Option<PublishStage> = None;
         loop {
             if *shutdown.borrow() {
                 break;
             }
             if publishing.as_ref().is_some_and(|p| p.is_finished()) {
                 let offsets = join_publish(publishing.take()).await?;
-                self.commit_offsets(&mut *consumer, &offsets, group).await?;
+                self.commit_offsets(&mut *consumer, &offsets, &group)
+                    .await?;
             }
             let records = tokio::select! {
                 r = consumer.poll(self.batch, Duration::from_millis(500)) => r,
@@ -263,7 +269,7 @@ impl Pipeline {
             let records = match records {
                 Ok(r) => r,
                 Err(error) if error.retryable() => {
-                    tracing::warn!(%error, group, "poll failed; retrying");
+                    tracing::warn!(%error, %group, "poll failed; retrying");
                     self.metrics.errors.with_label_values(&["bus"]).inc();
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
@@ -272,20 +278,23 @@ impl Pipeline {
             };
             if records.is_empty() {
                 let offsets = join_publish(publishing.take()).await?;
-                self.commit_offsets(&mut *consumer, &offsets, group).await?;
+                self.commit_offsets(&mut *consumer, &offsets, &group)
+                    .await?;
                 continue;
             }
             let outcomes = self.store_batch(&records, kind).await?;
             let offsets = join_publish(publishing.take()).await?;
-            self.commit_offsets(&mut *consumer, &offsets, group).await?;
+            self.commit_offsets(&mut *consumer, &offsets, &group)
+                .await?;
             let this = Arc::clone(self);
+            let g = group.clone();
             publishing = Some(tokio::spawn(async move {
-                this.publish_outcomes(&records, &outcomes, group).await
+                this.publish_outcomes(&records, &outcomes, &g).await
             }));
         }
         // Draining: finish what was stored.
         let offsets = join_publish(publishing.take()).await?;
-        self.commit_offsets(&mut *consumer, &offsets, group).await
+        self.commit_offsets(&mut *consumer, &offsets, &group).await
     }
 
     /// Counts a stored batch, publishes its dead letters, events and

@@ -79,6 +79,7 @@ impl Outbound for Scripted {
             Some(Err(e)) => Err(e),
             _ => Ok(SendReceipt {
                 provider_message_id: Some(format!("prov-{}", msg.idempotency_key)),
+                segments: None,
             }),
         }
     }

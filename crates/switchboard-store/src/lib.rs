@@ -17,7 +17,7 @@ pub mod model;
 mod postgres;
 mod sqlite;
 
-use switchboard_core::{Channel, Identity, Retryable};
+use switchboard_core::{Channel, Direction, Identity, Retryable};
 use uuid::Uuid;
 
 pub use model::{
@@ -66,6 +66,17 @@ pub struct OutboxRecord {
     pub payload: Vec<u8>,
 }
 
+/// Where an IMAP poller stands in one mailbox: the mailbox's UIDVALIDITY and
+/// the highest UID whose message (and every one below it) was durably
+/// accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxCheckpoint {
+    /// The mailbox's UIDVALIDITY when `last_uid` was recorded.
+    pub uidvalidity: u32,
+    /// The highest UID processed.
+    pub last_uid: u32,
+}
+
 /// The history store.
 pub trait Store: Send + Sync + 'static {
     /// Starts a write transaction. Only one runs at a time.
@@ -109,6 +120,32 @@ pub trait Store: Send + Sync + 'static {
     fn is_empty(&self) -> Result<bool, StoreError> {
         Err(StoreError::Rejected(
             "this store cannot tell whether it is empty".into(),
+        ))
+    }
+
+    /// The IMAP checkpoint of `mailbox` of email `account`, if one was set.
+    fn mailbox_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<Option<MailboxCheckpoint>, StoreError> {
+        let _ = (account, mailbox);
+        Err(StoreError::Rejected(
+            "this store keeps no mailbox checkpoints".into(),
+        ))
+    }
+
+    /// Records the IMAP checkpoint of `mailbox` of email `account`,
+    /// replacing the previous one, durably.
+    fn set_mailbox_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+        checkpoint: MailboxCheckpoint,
+    ) -> Result<(), StoreError> {
+        let _ = (account, mailbox, checkpoint);
+        Err(StoreError::Rejected(
+            "this store keeps no mailbox checkpoints".into(),
         ))
     }
 }
@@ -227,6 +264,17 @@ pub trait Tx {
     fn release_savepoint(&mut self) -> Result<(), StoreError>;
     /// Undoes everything since the last savepoint.
     fn rollback_to_savepoint(&mut self) -> Result<(), StoreError>;
+    /// The email Message-IDs (header ids) of a conversation's messages,
+    /// newest first, at most `limit`, each with its direction: what a reply
+    /// names in In-Reply-To and References.
+    fn thread_message_ids(
+        &mut self,
+        conversation: Uuid,
+        limit: usize,
+    ) -> Result<Vec<(Direction, String)>, StoreError> {
+        let _ = (conversation, limit);
+        Ok(Vec::new())
+    }
     /// Commits, durably.
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }

@@ -200,6 +200,18 @@ CREATE INDEX outbox_touched ON outbox (touched_at);
 -- index cost about 6 KiB of writes per message (docs/benchmarks.md).
 DROP INDEX messages_inbound_by_conversation;
 "#,
+    r#"
+-- IMAP checkpoints: per email account and mailbox, the UIDVALIDITY and the
+-- highest UID whose message was durably accepted.
+CREATE TABLE mailbox_checkpoints (
+    account     text NOT NULL,
+    mailbox     text NOT NULL,
+    uidvalidity bigint NOT NULL,
+    last_uid    bigint NOT NULL,
+    updated_at  bigint NOT NULL,
+    PRIMARY KEY (account, mailbox)
+);
+"#,
 ];
 
 /// How long an outbox row may go untouched by its owner before another
@@ -946,6 +958,67 @@ impl Store for PgStore {
         let mut conn = self.conn()?;
         conn.query_first("SELECT 1", &[]).map(drop).map_err(pg_err)
     }
+
+    fn mailbox_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<Option<crate::MailboxCheckpoint>, StoreError> {
+        if has_nul(&[account, mailbox]) {
+            return Ok(None);
+        }
+        {
+            let mut conn = self.conn()?;
+            let row = conn
+                .query_first(
+                    "SELECT uidvalidity, last_uid FROM mailbox_checkpoints \
+                     WHERE account = $1 AND mailbox = $2",
+                    &[&account, &mailbox],
+                )
+                .map_err(pg_err)?;
+            row.map(|r| {
+                let uidvalidity: i64 = col(&r, 0)?;
+                let last_uid: i64 = col(&r, 1)?;
+                let u32_of = |v: i64| {
+                    u32::try_from(v).map_err(|_| {
+                        StoreError::Rejected(format!("stored uid {v} is out of range"))
+                    })
+                };
+                Ok(crate::MailboxCheckpoint {
+                    uidvalidity: u32_of(uidvalidity)?,
+                    last_uid: u32_of(last_uid)?,
+                })
+            })
+            .transpose()
+        }
+    }
+
+    fn set_mailbox_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+        cp: crate::MailboxCheckpoint,
+    ) -> Result<(), StoreError> {
+        check_text([Some(account), Some(mailbox)])?;
+        {
+            let mut conn = self.conn()?;
+            conn.execute(
+                "INSERT INTO mailbox_checkpoints (account, mailbox, uidvalidity, last_uid, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account, mailbox) DO UPDATE SET \
+                 uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, \
+                 updated_at = excluded.updated_at",
+                &[
+                    &account,
+                    &mailbox,
+                    &i64::from(cp.uidvalidity),
+                    &i64::from(cp.last_uid),
+                    &chrono::Utc::now().timestamp_millis(),
+                ],
+            )
+            .map(drop)
+            .map_err(pg_err)
+        }
+    }
 }
 
 struct PgTx {
@@ -1681,6 +1754,26 @@ impl Tx for PgTx {
             }
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    fn thread_message_ids(
+        &mut self,
+        conversation: Uuid,
+        limit: usize,
+    ) -> Result<Vec<(Direction, String)>, StoreError> {
+        let found = self.query(
+            "SELECT direction, header_id FROM messages WHERE conversation_id = $1 \
+             AND header_id IS NOT NULL ORDER BY received_at DESC, seq DESC LIMIT $2",
+            &[&conversation, &limit_param(limit)],
+        )?;
+        rows(found, |r| {
+            let direction = parse_col(r, 0, |s| match s {
+                "inbound" => Some(Direction::Inbound),
+                "outbound" => Some(Direction::Outbound),
+                _ => None,
+            })?;
+            Ok((direction, col(r, 1)?))
+        })
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {

@@ -1,7 +1,9 @@
 //! The SQLite history: one file in WAL mode, one writer, readers beside it.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -151,13 +153,106 @@ CREATE INDEX messages_inbound_by_customer ON messages (customer_id, received_at,
 -- index cost about 6 KiB of writes per message (docs/benchmarks.md).
 DROP INDEX messages_inbound_by_conversation;
 "#,
+    r#"
+-- IMAP checkpoints: per email account and mailbox, the UIDVALIDITY and the
+-- highest UID whose message was durably accepted.
+CREATE TABLE mailbox_checkpoints (
+    account     TEXT NOT NULL,
+    mailbox     TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    last_uid    INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    PRIMARY KEY (account, mailbox)
+) WITHOUT ROWID;
+"#,
+    r#"
+-- One index on (customer, time) serves the timeline, a customer's latest
+-- inbound message, merges and erasure. It replaces two narrower indexes on
+-- the customer id: each index keyed by customer dirties a page per message
+-- wherever that customer's entries sit (docs/benchmarks.md).
+CREATE INDEX messages_customer_time ON messages (customer_id, received_at, seq);
+DROP INDEX messages_customer;
+DROP INDEX messages_inbound_by_customer;
+"#,
 ];
 
 /// The SQLite store. Writes go through one connection, serialized by a lock;
 /// reads use another, so the API never waits for a routing batch (WAL).
+///
+/// Two costs are kept off the writer's path:
+/// - WAL checkpoints run on a background thread with its own connection
+///   (`wal_autocheckpoint` is off), so a routing transaction never copies
+///   the log back into the database itself;
+/// - [`Store::outbox_done`] only records how far the outbox was published;
+///   the rows are deleted inside the next write transaction, and
+///   [`Store::outbox`] never returns them again. After a crash before that
+///   transaction commits, those events are published once more: events are
+///   at-least-once, and carry ids for consumers that deduplicate.
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    outbox: Arc<OutboxTrim>,
+    /// Kept for its `Drop`, which stops the thread.
+    _checkpointer: Checkpointer,
+}
+
+/// How far the outbox was published, and how far it was deleted.
+#[derive(Debug, Default)]
+struct OutboxTrim {
+    published: AtomicI64,
+    deleted: AtomicI64,
+}
+
+/// The background checkpoint thread.
+struct Checkpointer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How often the checkpointer looks at the log.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let conn = open_conn(path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(CHECKPOINT_EVERY);
+                    // PASSIVE: copies what no reader still needs, never waits
+                    // for the writer or blocks it. The log restarts from the
+                    // beginning once a checkpoint has caught up.
+                    if let Err(error) =
+                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(%error, "wal checkpoint failed");
+                    }
+                }
+                if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    tracing::warn!(%error, "final wal checkpoint failed");
+                }
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start checkpointer: {e}")))?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::warn!("the checkpoint thread panicked");
+        }
+    }
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -202,10 +297,17 @@ impl SqliteStore {
         }
         let mut writer = open_conn(path)?;
         migrate(&mut writer)?;
+        // The checkpointer copies the log back; the writer never does.
+        writer
+            .execute_batch("PRAGMA wal_autocheckpoint = 0;")
+            .map_err(unavailable)?;
         let reader = open_conn(path)?;
+        let checkpointer = Checkpointer::start(path)?;
         Ok(SqliteStore {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            outbox: Arc::default(),
+            _checkpointer: checkpointer,
         })
     }
 
@@ -415,11 +517,19 @@ impl Store for SqliteStore {
     fn begin(&self) -> Result<Box<dyn Tx + '_>, StoreError> {
         let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
-        Ok(Box::new(SqliteTx {
+        let mut tx = SqliteTx {
             conn,
             open: true,
             savepoints: 0,
-        }))
+            trimmed: None,
+        };
+        // Published outbox rows go with this transaction (see SqliteStore).
+        let published = self.outbox.published.load(Ordering::Acquire);
+        if published > self.outbox.deleted.load(Ordering::Acquire) {
+            tx.exec("DELETE FROM outbox WHERE seq <= ?1", [published])?;
+            tx.trimmed = Some((&*self.outbox, published));
+        }
+        Ok(Box::new(tx))
     }
 
     fn customer(&self, id: Uuid) -> Result<Option<Customer>, StoreError> {
@@ -531,27 +641,28 @@ impl Store for SqliteStore {
 
     fn outbox(&self, limit: usize) -> Result<Vec<OutboxRecord>, StoreError> {
         let conn = self.read();
-        conn.prepare_cached("SELECT seq, topic, key, payload FROM outbox ORDER BY seq LIMIT ?1")
-            .and_then(|mut s| {
-                s.query_map([limit as i64], |r| {
-                    Ok(OutboxRecord {
-                        seq: r.get(0)?,
-                        topic: r.get(1)?,
-                        key: r.get(2)?,
-                        payload: r.get(3)?,
-                    })
-                })?
-                .collect()
-            })
-            .map_err(unavailable)
+        let published = self.outbox.published.load(Ordering::Acquire);
+        conn.prepare_cached(
+            "SELECT seq, topic, key, payload FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )
+        .and_then(|mut s| {
+            s.query_map([published, limit as i64], |r| {
+                Ok(OutboxRecord {
+                    seq: r.get(0)?,
+                    topic: r.get(1)?,
+                    key: r.get(2)?,
+                    payload: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .map_err(unavailable)
     }
 
     fn outbox_done(&self, seq: i64) -> Result<(), StoreError> {
-        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")
-            .and_then(|mut s| s.execute([seq]))
-            .map(drop)
-            .map_err(unavailable)
+        // Deleted by the next write transaction (see SqliteStore).
+        self.outbox.published.fetch_max(seq, Ordering::AcqRel);
+        Ok(())
     }
 
     fn is_empty(&self) -> Result<bool, StoreError> {
@@ -570,12 +681,62 @@ impl Store for SqliteStore {
             .map(drop)
             .map_err(unavailable)
     }
+
+    fn mailbox_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<Option<crate::MailboxCheckpoint>, StoreError> {
+        self.read()
+            .prepare_cached(
+                "SELECT uidvalidity, last_uid FROM mailbox_checkpoints \
+                 WHERE account = ?1 AND mailbox = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row([account, mailbox], |r| {
+                    Ok(crate::MailboxCheckpoint {
+                        uidvalidity: r.get(0)?,
+                        last_uid: r.get(1)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(unavailable)
+    }
+
+    fn set_mailbox_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+        cp: crate::MailboxCheckpoint,
+    ) -> Result<(), StoreError> {
+        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        conn.prepare_cached(
+            "INSERT INTO mailbox_checkpoints (account, mailbox, uidvalidity, last_uid, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (account, mailbox) DO UPDATE SET \
+             uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, \
+             updated_at = excluded.updated_at",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                account,
+                mailbox,
+                cp.uidvalidity,
+                cp.last_uid,
+                chrono::Utc::now().timestamp_millis()
+            ])
+        })
+        .map(drop)
+        .map_err(unavailable)
+    }
 }
 
 struct SqliteTx<'a> {
     conn: MutexGuard<'a, Connection>,
     open: bool,
     savepoints: usize,
+    /// Published outbox rows this transaction deletes: recorded on commit.
+    trimmed: Option<(&'a OutboxTrim, i64)>,
 }
 
 impl Drop for SqliteTx<'_> {
@@ -1175,9 +1336,36 @@ impl Tx for SqliteTx<'_> {
             .map_err(unavailable)
     }
 
+    fn thread_message_ids(
+        &mut self,
+        conversation: Uuid,
+        limit: usize,
+    ) -> Result<Vec<(Direction, String)>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT direction, header_id FROM messages WHERE conversation_id = ?1 \
+                 AND header_id IS NOT NULL ORDER BY received_at DESC, seq DESC LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![conversation.to_string(), limit as i64], |r| {
+                    let direction = parse_col(r, 0, |s| match s {
+                        "inbound" => Some(Direction::Inbound),
+                        "outbound" => Some(Direction::Outbound),
+                        _ => None,
+                    })?;
+                    Ok((direction, r.get(1)?))
+                })?
+                .collect()
+            })
+            .map_err(unavailable)
+    }
+
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         self.conn.execute_batch("COMMIT").map_err(unavailable)?;
         self.open = false;
+        if let Some((trim, seq)) = self.trimmed {
+            trim.deleted.fetch_max(seq, Ordering::AcqRel);
+        }
         Ok(())
     }
 }

@@ -177,6 +177,10 @@ pub struct RawRetry {
 pub struct RawChannels {
     /// The api channel.
     pub api: RawApiChannel,
+    /// The SMS channel (Twilio, Vonage).
+    pub sms: switchboard_sms::RawSmsChannel,
+    /// The email channel (IMAP in, SMTP out).
+    pub email: switchboard_email::RawEmailChannel,
 }
 
 /// `[channels.api]`.
@@ -332,6 +336,10 @@ pub struct Config {
     pub api_accounts: BTreeMap<String, ApiAccountConfig>,
     /// Api channel default account.
     pub api_default_account: Option<String>,
+    /// The SMS channel.
+    pub sms: switchboard_sms::SmsConfig,
+    /// The email channel.
+    pub email: switchboard_email::EmailConfig,
 }
 
 /// Overrides from the command line.
@@ -765,6 +773,25 @@ impl RawConfig {
                 );
             }
         }
+        let sms = match self.channels.sms.validate(&data_dir) {
+            Ok(sms) => Some(sms),
+            Err(found) => {
+                for p in found {
+                    let (key, msg) = p.split_once(": ").unwrap_or((p.as_str(), ""));
+                    problem(key, msg.to_owned());
+                }
+                None
+            }
+        };
+        let email = match self.channels.email.validate(&data_dir) {
+            Ok(email) => email,
+            Err(found) => {
+                for (key, msg) in found {
+                    problem(&format!("channels.email.{key}"), msg);
+                }
+                switchboard_email::EmailConfig::default()
+            }
+        };
         let api_default_account =
             Some(self.channels.api.default_account.clone()).filter(|s| !s.is_empty());
         if let Some(name) = &api_default_account
@@ -802,6 +829,8 @@ impl RawConfig {
             dispatch,
             api_accounts,
             api_default_account,
+            sms: sms.expect("checked above"),
+            email,
         })
     }
 }

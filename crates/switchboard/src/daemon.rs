@@ -79,7 +79,37 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     let api = ApiChannel::new(api_accounts, cfg.api_default_account.clone())?;
-    let adapters: Vec<Arc<dyn Outbound>> = vec![Arc::new(api)];
+    let mut adapters: Vec<Arc<dyn Outbound>> = vec![Arc::new(api)];
+    // The SMS channel (Twilio, Vonage), when an account is configured.
+    let sms_intake: Arc<dyn switchboard_core::Intake> = Arc::new(crate::intake::BusIntake::new(
+        Arc::clone(&bus),
+        topics.clone(),
+        cfg.publish_timeout,
+    ));
+    let sms = if cfg.sms.accounts.is_empty() {
+        None
+    } else {
+        let sms = switchboard_sms::SmsChannel::open(cfg.sms.clone(), &registry)?;
+        adapters.push(Arc::new(sms.outbound()));
+        Some(sms)
+    };
+    // The email channel: SMTP out, and one IMAP poller per mailbox (started
+    // with the loops below), checkpointing in the history store.
+    if let Some(smtp) =
+        switchboard_email::SmtpOutbound::from_config(&cfg.email).context("channels.email")?
+    {
+        adapters.push(Arc::new(smtp));
+    }
+    let email_pollers = switchboard_email::imap::pollers(
+        &cfg.email,
+        Arc::new(crate::intake::BusIntake::new(
+            Arc::clone(&bus),
+            topics.clone(),
+            cfg.publish_timeout,
+        )),
+        Arc::new(switchboard_email::StoreCheckpoints(Arc::clone(&store))),
+    )
+    .context("channels.email")?;
     let dispatcher = Arc::new(Dispatcher::new(
         Arc::clone(&bus),
         Arc::clone(&store),
@@ -95,6 +125,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let inbound = tokio::spawn(Arc::clone(&pipeline).run_inbound(stop_rx.clone()));
     let commands = tokio::spawn(Arc::clone(&pipeline).run_commands(stop_rx.clone()));
     let dispatch = tokio::spawn(Arc::clone(&dispatcher).run(stop_rx.clone()));
+    let email_tasks: Vec<_> = email_pollers
+        .into_iter()
+        .map(|p| tokio::spawn(p.run(stop_rx.clone())))
+        .collect();
+    if let Some(sms) = &sms {
+        tokio::spawn(Arc::clone(sms).run_concat_timer(Arc::clone(&sms_intake), stop_rx.clone()));
+    }
     let identity = if pipeline.rekeys() {
         tokio::spawn(Arc::clone(&pipeline).run_identity(stop_rx.clone()))
     } else {
@@ -110,11 +147,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         metrics: http_metrics,
         draining: AtomicBool::new(false),
         publish_timeout: cfg.publish_timeout,
+        lag_groups: consumed(&topics, pipeline.rekeys()),
     });
     if cfg.tokens.is_empty() {
         tracing::warn!("no api tokens configured: every /v1 request will be refused with 401");
     }
-    let app = http::router(Arc::clone(&state), cfg.max_body_bytes);
+    let mut app = http::router(Arc::clone(&state), cfg.max_body_bytes);
+    if let Some(sms) = &sms {
+        app = app.nest(
+            "/webhooks/sms",
+            sms.router(Arc::clone(&sms_intake))
+                .layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes)),
+        );
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -129,8 +174,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
         drain_state.draining.store(true, Ordering::SeqCst);
+        crate::notify::stopping();
         tracing::info!("shutdown requested: stopping intake and draining");
     });
+    let watchdog = crate::notify::spawn_watchdog();
+    crate::notify::ready();
     let mut inbound = inbound;
     let mut commands = commands;
     let mut dispatch = dispatch;
@@ -147,6 +195,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     stop_tx.send_replace(true);
     let drained = tokio::time::timeout(cfg.drain_timeout, async {
+        // IMAP pollers first: they stop after the batch in hand, whose
+        // envelopes the router may still thread.
+        for task in email_tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "imap poller panicked during drain");
+            }
+        }
         let a = inbound.await;
         let b = commands.await;
         let c = dispatch.await;
@@ -178,6 +233,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             timeout_s = cfg.drain_timeout.as_secs(),
             "drain deadline passed; unfinished work will be redelivered at the next start"
         ),
+    }
+    if let Some(w) = watchdog {
+        w.abort();
     }
     bus_handle.close().await;
     tracing::info!("switchboard stopped");
@@ -432,4 +490,21 @@ pub async fn replay(cfg: &Config) -> anyhow::Result<String> {
     .await??;
     handle.close().await;
     Ok(summary)
+}
+
+/// The (topic, consumer group) pairs the daemon consumes: routing (from
+/// `routed.v1` behind the identity stage when re-keying), commands and the
+/// dispatcher.
+fn consumed(topics: &switchboard_core::Topics, rekey: bool) -> Vec<(String, String)> {
+    let g = &topics.groups;
+    let mut pairs = vec![(topics.inbound.clone(), g.router.clone())];
+    if rekey {
+        pairs = vec![
+            (topics.inbound.clone(), g.identity.clone()),
+            (topics.routed.clone(), g.router.clone()),
+        ];
+    }
+    pairs.push((topics.commands.clone(), g.commands.clone()));
+    pairs.push((topics.outbound.clone(), g.dispatcher.clone()));
+    pairs
 }

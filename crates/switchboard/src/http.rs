@@ -44,6 +44,9 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// How long a write waits for the bus.
     pub publish_timeout: std::time::Duration,
+    /// The (topic, consumer group) pairs whose lag `/metrics` reports: the
+    /// ones this daemon consumes.
+    pub lag_groups: Vec<(String, String)>,
 }
 
 /// HTTP metrics.
@@ -559,18 +562,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    for topic in [&state.topics.inbound, &state.topics.commands] {
-        let group = if topic == &state.topics.inbound {
-            switchboard_router::INBOUND_GROUP
-        } else {
-            switchboard_router::COMMANDS_GROUP
-        };
+    for (topic, group) in &state.lag_groups {
         if let Ok(lag) = state.bus.lag(topic, group).await {
             for (partition, n) in lag {
                 state
                     .metrics
                     .lag
-                    .with_label_values(&[topic.as_str(), group, &partition.to_string()])
+                    .with_label_values(&[topic.as_str(), group.as_str(), &partition.to_string()])
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }

@@ -11,6 +11,8 @@
 
 pub mod config;
 pub mod daemon;
+pub mod dlq;
 pub mod http;
 pub mod intake;
+pub mod notify;
 pub mod schemas;

@@ -55,6 +55,11 @@ enum Cmd {
         #[command(subcommand)]
         action: TopicsCmd,
     },
+    /// Lists, shows and redrives the dead letters on dlq.v1.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqCmd,
+    },
     /// Writes the JSON Schemas and examples of every record to a directory.
     Schemas {
         /// Output directory.
@@ -71,6 +76,84 @@ enum TopicsCmd {
         /// Configuration file; without it, the built-in defaults.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+}
+
+/// Where the dead-letter tools find the bus.
+#[derive(clap::Args)]
+struct DlqTarget {
+    /// Configuration file; without it, the built-in defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory, overriding data_dir (the embedded log).
+    #[arg(long)]
+    data_dir: Option<String>,
+}
+
+/// Which dead letters.
+#[derive(clap::Args)]
+struct DlqFilter {
+    /// Only those from this topic (`inbound.v1`, or the full name).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only those the consumer group gave up on.
+    #[arg(long)]
+    group: Option<String>,
+    /// Only those whose reason contains this (case-insensitive).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this dead letter (PARTITION:OFFSET); repeatable.
+    #[arg(long = "id")]
+    ids: Vec<String>,
+}
+
+impl DlqFilter {
+    fn checked(self) -> Result<switchboard::dlq::Filter, String> {
+        Ok(switchboard::dlq::Filter {
+            topic: self.topic,
+            group: self.group,
+            reason: self.reason,
+            ids: self
+                .ids
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// Lists dead letters: id (PARTITION:OFFSET), time, origin, group, reason.
+    List {
+        #[command(flatten)]
+        target: DlqTarget,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Shows one dead letter with its original record.
+    Show {
+        /// Its id, PARTITION:OFFSET.
+        id: String,
+        #[command(flatten)]
+        target: DlqTarget,
+    },
+    /// Republishes the originals of the selected dead letters to their
+    /// topics, once their cause is fixed. Needs a filter, or --all.
+    Redrive {
+        #[command(flatten)]
+        target: DlqTarget,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Lists what would be redriven, sends nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -118,6 +201,7 @@ fn main() -> ExitCode {
             daemon::init_tracing(&cfg);
             block_on(daemon::replay(&cfg), |summary| println!("{summary}"))
         }
+        Cmd::Dlq { action } => dlq(action),
         Cmd::Schemas { out } => match schemas::write(&out) {
             Ok(n) => {
                 println!("wrote {n} files to {}", out.display());
@@ -148,6 +232,104 @@ fn main() -> ExitCode {
             block_on(run, |()| {})
         }
     }
+}
+
+fn dlq(action: DlqCmd) -> ExitCode {
+    use switchboard::dlq::{self, DlqId};
+    use switchboard_core::Topics;
+
+    let target = match &action {
+        DlqCmd::List { target, .. }
+        | DlqCmd::Show { target, .. }
+        | DlqCmd::Redrive { target, .. } => target,
+    };
+    let overrides = Overrides {
+        listen: None,
+        data_dir: target.data_dir.clone(),
+    };
+    let cfg = match checked_config(target.config.clone(), overrides) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    let topics = Topics::with_prefix(&cfg.topic_prefix);
+    match action {
+        DlqCmd::List { filter, limit, .. } => {
+            let filter = match filter.checked() {
+                Ok(f) => f,
+                Err(e) => return usage(&e),
+            };
+            block_on(
+                async {
+                    let (source, _handle) = dlq::open(&cfg, false).await?;
+                    dlq::scan(&source, &topics, &cfg.topic_prefix, &filter, limit).await
+                },
+                |entries| {
+                    for e in &entries {
+                        println!("{}", dlq::line(e));
+                    }
+                    eprintln!("{} dead letter(s)", entries.len());
+                },
+            )
+        }
+        DlqCmd::Show { id, .. } => {
+            let id: DlqId = match id.parse() {
+                Ok(id) => id,
+                Err(e) => return usage(&e),
+            };
+            block_on(
+                async {
+                    let (source, _handle) = dlq::open(&cfg, false).await?;
+                    dlq::show(&source, &topics, id).await
+                },
+                |entry| print!("{}", dlq::detail(&entry)),
+            )
+        }
+        DlqCmd::Redrive {
+            filter,
+            all,
+            dry_run,
+            ..
+        } => {
+            let filter = match filter.checked() {
+                Ok(f) => f,
+                Err(e) => return usage(&e),
+            };
+            if filter.is_empty() && !all {
+                return usage("redrive needs a filter (--topic, --group, --reason, --id) or --all");
+            }
+            block_on(
+                async {
+                    let (source, handle) = dlq::open(&cfg, !dry_run).await?;
+                    let entries =
+                        dlq::scan(&source, &topics, &cfg.topic_prefix, &filter, usize::MAX).await?;
+                    let sent = match (&source, dry_run) {
+                        (dlq::Source::Bus(bus), false) => dlq::redrive(&**bus, &entries).await?,
+                        _ => 0,
+                    };
+                    if let Some(h) = handle {
+                        h.close().await;
+                    }
+                    Ok((entries, sent))
+                },
+                |(entries, sent)| {
+                    for e in &entries {
+                        println!("{}", dlq::line(e));
+                    }
+                    if dry_run {
+                        eprintln!("{} dead letter(s) would be redriven", entries.len());
+                    } else {
+                        eprintln!("redrove {sent} dead letter(s) to their topics");
+                    }
+                },
+            )
+        }
+    }
+}
+
+/// A usage error: the message, exit code 64 (EX_USAGE).
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(64)
 }
 
 /// Loads and checks the configuration; on a problem, prints every one and

@@ -9,8 +9,8 @@ use switchboard_core::{
     Channel, Direction, Envelope, Identity, Retryable, ThreadHints, ThreadRule, Trace,
 };
 use switchboard_store::{
-    Conversation, ConversationStatus, Cursor, Erased, LastInbound, Millis, NewMessage,
-    OutboundRecord, OutboundState, Store, StoreError, Tx, from_millis,
+    Conversation, ConversationStatus, Cursor, Erased, LastInbound, MailboxCheckpoint, Millis,
+    NewMessage, OutboundRecord, OutboundState, Store, StoreError, Tx, from_millis,
 };
 use uuid::Uuid;
 
@@ -1187,4 +1187,99 @@ pub(crate) fn store_works_from_the_blocking_pool(store: Arc<dyn Store>) {
         // The last reference goes away on a runtime thread.
         drop(store);
     });
+}
+
+pub(crate) fn mailbox_checkpoints_per_account_and_mailbox(s: &dyn Store) {
+    assert_eq!(s.mailbox_checkpoint(SUPPORT, "INBOX").unwrap(), None);
+    let cp = |uidvalidity, last_uid| MailboxCheckpoint {
+        uidvalidity,
+        last_uid,
+    };
+    s.set_mailbox_checkpoint(SUPPORT, "INBOX", cp(7, 12))
+        .unwrap();
+    s.set_mailbox_checkpoint(SUPPORT, "Sales", cp(9, 3))
+        .unwrap();
+    s.set_mailbox_checkpoint("sales@example.com", "INBOX", cp(1, 1))
+        .unwrap();
+    assert_eq!(
+        s.mailbox_checkpoint(SUPPORT, "INBOX").unwrap(),
+        Some(cp(7, 12))
+    );
+    assert_eq!(
+        s.mailbox_checkpoint(SUPPORT, "Sales").unwrap(),
+        Some(cp(9, 3))
+    );
+    // Replaced, also backwards (a new UIDVALIDITY starts over), and the
+    // largest values IMAP allows round-trip.
+    s.set_mailbox_checkpoint(SUPPORT, "INBOX", cp(u32::MAX, u32::MAX))
+        .unwrap();
+    assert_eq!(
+        s.mailbox_checkpoint(SUPPORT, "INBOX").unwrap(),
+        Some(cp(u32::MAX, u32::MAX))
+    );
+    s.set_mailbox_checkpoint(SUPPORT, "INBOX", cp(8, 0))
+        .unwrap();
+    assert_eq!(
+        s.mailbox_checkpoint(SUPPORT, "INBOX").unwrap(),
+        Some(cp(8, 0))
+    );
+    assert_eq!(
+        s.mailbox_checkpoint("sales@example.com", "INBOX").unwrap(),
+        Some(cp(1, 1))
+    );
+    assert_eq!(
+        s.mailbox_checkpoint("nobody@example.com", "INBOX").unwrap(),
+        None
+    );
+}
+
+pub(crate) fn thread_message_ids_newest_first(s: &dyn Store) {
+    let mut tx = s.begin().unwrap();
+    let x = customer(&mut *tx, &["email:ada@example.org"]);
+    let a = conversation(&mut *tx, x, Channel::Email, 0);
+    let other = conversation(&mut *tx, x, Channel::Email, 0);
+    let mut m1 = inbound("m1", "email:ada@example.org", Channel::Email, 10);
+    m1.thread_hints.message_id = Some("m1@ada".into());
+    store(&mut *tx, &m1, x, a);
+    let mut r1 = envelope(
+        "r1",
+        "email:ada@example.org",
+        Channel::Email,
+        Direction::Outbound,
+        20,
+    );
+    r1.thread_hints.message_id = Some("r1@us".into());
+    store(&mut *tx, &r1, x, a);
+    // No Message-ID: not listed.
+    store(
+        &mut *tx,
+        &inbound("m2", "email:ada@example.org", Channel::Email, 30),
+        x,
+        a,
+    );
+    let mut m3 = inbound("m3", "email:ada@example.org", Channel::Email, 40);
+    m3.thread_hints.message_id = Some("m3@ada".into());
+    store(&mut *tx, &m3, x, a);
+    let mut elsewhere = inbound("o1", "email:ada@example.org", Channel::Email, 50);
+    elsewhere.thread_hints.message_id = Some("o1@ada".into());
+    store(&mut *tx, &elsewhere, x, other);
+
+    assert_eq!(
+        tx.thread_message_ids(a, 10).unwrap(),
+        vec![
+            (Direction::Inbound, "m3@ada".to_owned()),
+            (Direction::Outbound, "r1@us".to_owned()),
+            (Direction::Inbound, "m1@ada".to_owned()),
+        ]
+    );
+    assert_eq!(
+        tx.thread_message_ids(a, 1).unwrap(),
+        vec![(Direction::Inbound, "m3@ada".to_owned())]
+    );
+    assert!(
+        tx.thread_message_ids(Uuid::now_v7(), 10)
+            .unwrap()
+            .is_empty()
+    );
+    tx.commit().unwrap();
 }

@@ -111,6 +111,8 @@ suite!(
     unknown_ids_answer_nothing,
     ping_answers,
     is_empty_until_a_customer_is_stored,
+    mailbox_checkpoints_per_account_and_mailbox,
+    thread_message_ids_newest_first,
 );
 
 /// Built without the `postgres` feature: say so when a database was named.
