@@ -26,8 +26,6 @@ mod embedded;
 #[cfg(feature = "kafka")]
 mod kafka;
 
-pub use embedded::{
-    DEFAULT_MAX_BATCH, DEFAULT_PARTITIONS, EmbeddedBus, EmbeddedConfig, LogReader,
-};
+pub use embedded::{DEFAULT_MAX_BATCH, DEFAULT_PARTITIONS, EmbeddedBus, EmbeddedConfig, LogReader};
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaBus, KafkaConfig, TOPIC_CHECK_PATIENCE};

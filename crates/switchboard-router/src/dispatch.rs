@@ -547,12 +547,8 @@ fn push_dead_letter(
     source: &Record,
     reason: &str,
 ) -> Result<(), StoreError> {
-    let letter = DeadLetter::for_record(
-        source,
-        &topics.groups.dispatcher,
-        reason.to_owned(),
-        false,
-    );
+    let letter =
+        DeadLetter::for_record(source, &topics.groups.dispatcher, reason.to_owned(), false);
     let payload = serde_json::to_vec(&letter).map_err(|e| StoreError::Rejected(e.to_string()))?;
     tx.push_outbox(&topics.dlq, &source.key, &payload)
 }

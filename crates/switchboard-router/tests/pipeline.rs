@@ -277,7 +277,9 @@ async fn a_refused_record_mid_batch_undoes_only_itself() {
         unknown,
         link(3, "ada@example.org", "ada@home.example"),
     ] {
-        bus.publish(&topics.commands, b"ada", payload).await.unwrap();
+        bus.publish(&topics.commands, b"ada", payload)
+            .await
+            .unwrap();
     }
     let pipeline = Arc::new(Pipeline::new(
         bus.clone(),
@@ -297,7 +299,10 @@ async fn a_refused_record_mid_batch_undoes_only_itself() {
         .iter()
         .any(|(_, n)| *n > 0)
     {
-        assert!(tokio::time::Instant::now() < deadline, "commands never applied");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "commands never applied"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.send_replace(true);
@@ -322,6 +327,10 @@ async fn a_refused_record_mid_batch_undoes_only_itself() {
     let dead = reader.poll(100, Duration::from_millis(500)).await.unwrap();
     assert_eq!(dead.len(), 1, "only the refused command is dead-lettered");
     let letter: DeadLetter = decode(&dead[0].payload, DeadLetterSchema::NAME).unwrap();
-    assert!(letter.error.contains("nobody@example.org"), "{}", letter.error);
+    assert!(
+        letter.error.contains("nobody@example.org"),
+        "{}",
+        letter.error
+    );
     assert_eq!(letter.offset, 1);
 }
