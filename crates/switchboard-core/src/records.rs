@@ -365,6 +365,10 @@ pub struct Delivery {
     /// Why, for `failed`.
     #[serde(default)]
     pub error: Option<DeliveryError>,
+    /// How many parts the provider split the message into (SMS segments),
+    /// for `sent`, where the provider says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<u32>,
 }
 
 /// What a command asks for.

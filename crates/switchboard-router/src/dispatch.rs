@@ -975,6 +975,7 @@ impl PrepareCtx {
             provider_message_id: None,
             attempt: None,
             error,
+            segments: None,
         };
         if let Some(reason) = problem {
             self.router.emit_delivery(
@@ -1126,6 +1127,10 @@ fn record_results(
             at: now,
             provider_message_id: provider_id,
             attempt: Some(attempts),
+            segments: match sent {
+                Sent::Ok(receipt, _) => receipt.segments,
+                _ => None,
+            },
             error: error.as_ref().map(|e| DeliveryError {
                 reason: e.to_string(),
                 code: e.code(),

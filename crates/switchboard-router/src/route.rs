@@ -649,6 +649,7 @@ impl Router {
                         .or(record.provider_message_id.clone()),
                     attempt: None,
                     error: error.clone(),
+                    segments: None,
                 };
                 // The event always goes out; the stored status only moves
                 // forward (a late "delivered" does not undo "read").

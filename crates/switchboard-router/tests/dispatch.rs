@@ -79,7 +79,8 @@ impl Outbound for Scripted {
             Some(Err(e)) => Err(e),
             _ => Ok(SendReceipt {
                 provider_message_id: Some(format!("prov-{}", msg.idempotency_key)),
-                segments: None,
+                // A provider that counts parts, like the SMS ones.
+                segments: Some(msg.text.chars().count().div_ceil(160) as u32),
             }),
         }
     }
@@ -277,6 +278,8 @@ async fn a_reply_is_sent_once_and_shows_in_the_timeline() {
     assert_eq!(states(&ds), [DeliveryState::Queued, DeliveryState::Sent]);
     assert_eq!(ds[1].provider_message_id.as_deref(), Some("prov-r1"));
     assert_eq!(ds[1].conversation_id, conv);
+    assert_eq!(ds[1].segments, Some(1), "the provider's part count");
+    assert_eq!(ds[0].segments, None);
 
     let timeline = fx.store.timeline(customer, None, 10).unwrap().unwrap();
     assert_eq!(timeline.messages.len(), 2, "inbound and the reply");
