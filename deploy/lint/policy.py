@@ -212,6 +212,10 @@ def docker(r: Report, repo: Path, binary: Path, _: argparse.Namespace) -> None:
     uid = users[-1].split(":")[0] if users else "0"
     r.check(uid not in ("0", "root"), "final stage runs as a non-root user", uid or "no USER")
     r.check(not any(k == "RUN" for k, _ in final), "final stage runs nothing at build time (nothing installed)")
+    # distroless/cc has glibc, libgcc and OpenSSL but no zlib, which
+    # librdkafka links: the build must link it statically.
+    build_env = " ".join(a for k, a in instr[: froms[-1]] if k == "ENV")
+    r.check("LIBZ_SYS_STATIC=1" in build_env.split(), "build links zlib statically (the runtime image has no libz)")
     env: dict[str, str] = {}
     for k, a in final:
         if k == "ENV":
@@ -342,6 +346,11 @@ def kubernetes(r: Report, repo: Path, binary: Path, _: argparse.Namespace) -> No
                 r.check(v["configMap"]["name"] in cms, f"deployment/{name}: ConfigMap {v['configMap']['name']} exists")
             if "secret" in v:
                 sname = v["secret"]["secretName"]
+                # Secret files belong to root (group fsGroup): the non-root
+                # user reads them only through the group or other bits.
+                mode = v["secret"].get("defaultMode", 0o644)
+                readable = mode & 0o004 or (mode & 0o040 and psc.get("fsGroup") is not None)
+                r.check(bool(readable), f"deployment/{name}: secret volume {v['name']} is readable by the pod's user", oct(mode))
                 for item in v["secret"].get("items", []):
                     r.check(secret_value(sname, item["key"]) is not None, f"deployment/{name}: secret key {sname}/{item['key']} exists")
 

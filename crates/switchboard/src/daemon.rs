@@ -125,6 +125,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let inbound = tokio::spawn(Arc::clone(&pipeline).run_inbound(stop_rx.clone()));
     let commands = tokio::spawn(Arc::clone(&pipeline).run_commands(stop_rx.clone()));
     let dispatch = tokio::spawn(Arc::clone(&dispatcher).run(stop_rx.clone()));
+    registry.register(Box::new(crate::imap_metrics::ImapCollector::new(
+        email_pollers
+            .iter()
+            .map(|p| (p.account().to_owned(), p.mailbox().to_owned(), p.stats()))
+            .collect(),
+    )?))?;
     let email_tasks: Vec<_> = email_pollers
         .into_iter()
         .map(|p| tokio::spawn(p.run(stop_rx.clone())))
@@ -160,6 +166,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes)),
         );
     }
+    // Channels' webhooks are nested above this line, so they are observed.
+    let app = http::observed(app, Arc::clone(&state));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;

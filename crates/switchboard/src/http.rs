@@ -106,9 +106,16 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// Counts and times every request of `app` by route and status
+/// (`switchboard_http_requests_total`, `switchboard_http_request_seconds`):
+/// applied last, over the API and every channel's nested webhooks, so a
+/// webhook's latency is its route's (`/webhooks/sms/{account}`, ...).
+pub fn observed(app: Router, state: Arc<AppState>) -> Router {
+    app.layer(middleware::from_fn_with_state(state, observe))
 }
 
 /// A JSON error: `{"error": "...", "field": "..."}`.

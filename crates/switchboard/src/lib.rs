@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod dlq;
 pub mod http;
+pub mod imap_metrics;
 pub mod intake;
 pub mod notify;
 pub mod schemas;
