@@ -199,6 +199,27 @@ pub struct Trace {
     pub correlation_id: Option<String>,
 }
 
+/// A message sent by a machine (an auto-reply, a bounce): stored and
+/// threaded like any other, but never to be answered automatically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Automated {
+    /// Which kind.
+    pub kind: AutomatedKind,
+    /// What decided it (`auto-submitted: auto-replied`).
+    pub reason: String,
+}
+
+/// The kind of machine-sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AutomatedKind {
+    /// An auto-reply or other machine-generated or bulk message.
+    AutoReply,
+    /// A bounce: a delivery failure report.
+    Bounce,
+}
+
 fn new_id() -> Uuid {
     Uuid::now_v7()
 }
@@ -258,6 +279,10 @@ pub struct Envelope {
     /// Log and metric correlation.
     #[serde(default)]
     pub trace: Trace,
+    /// Set when a machine sent it (auto-reply, bounce): never answer it
+    /// automatically.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automated: Option<Automated>,
 }
 
 impl Envelope {

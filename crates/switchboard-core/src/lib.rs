@@ -19,7 +19,10 @@ pub mod schemas;
 pub mod secret;
 
 pub use bus::{Bus, BusError, Consumer, Groups, Record, Topics};
-pub use envelope::{Attachment, Channel, Direction, Envelope, ProviderRaw, ThreadHints, Trace};
+pub use envelope::{
+    Attachment, Automated, AutomatedKind, Channel, Direction, Envelope, ProviderRaw, ThreadHints,
+    Trace,
+};
 pub use identity::{Identity, IdentityError, IdentityKind};
 pub use intake::{Intake, IntakeError, Received};
 pub use outbound::{Outbound, OutboundMessage, SendError, SendReceipt, ThreadRefs};

@@ -204,6 +204,10 @@ pub enum EventKind {
         rule: ThreadRule,
         /// The conversation was reopened by this message.
         reopened: bool,
+        /// A machine sent it (an auto-reply, a bounce): do not answer it
+        /// automatically. Absent means false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        automated: bool,
     },
     /// One of our messages was stored as sent.
     #[serde(rename = "message.sent")]

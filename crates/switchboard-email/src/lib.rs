@@ -11,16 +11,23 @@
 //! attempt per `send` and says by the error's variant whether a retry can
 //! help. [`config::RawEmailChannel`] is the `[channels.email]` section.
 
+#[cfg(feature = "net")]
 pub mod config;
+#[cfg(feature = "net")]
 pub mod imap;
 pub mod parse;
+#[cfg(feature = "net")]
 pub mod smtp;
+#[cfg(feature = "net")]
 pub mod tls;
 
+#[cfg(feature = "net")]
 pub use config::{EmailConfig, RawEmailChannel};
+#[cfg(feature = "net")]
 pub use imap::{Checkpoints, ImapPoller, MemoryCheckpoints, StoreCheckpoints};
 pub use parse::{
     AttachmentStore, Automated, AutomatedFlag, ParseContext, Parsed, ServerExtras, StoreError,
     our_message_id, parse_our_message_id,
 };
+#[cfg(feature = "net")]
 pub use smtp::SmtpOutbound;

@@ -19,8 +19,8 @@
 //! - Thread hints: Message-ID, In-Reply-To, References, and a provider
 //!   thread id: `gmail:<X-GM-THRID>` when the IMAP server gave one, else
 //!   `outlook:<conversation GUID>` from `Thread-Index`.
-//! - Auto-replies and bounces are flagged in [`Parsed::automated`]; nothing
-//!   may answer them automatically. A delivery status notification naming one
+//! - Auto-replies and bounces are flagged in [`Parsed::automated`] and on
+//!   the envelope (`automated`); nothing may answer them automatically. A delivery status notification naming one
 //!   of our messages (see [`our_message_id`]) also yields a `message.status`
 //!   command with status `failed`.
 
@@ -335,6 +335,7 @@ fn base_envelope(
             request_id: extras.request_id.clone(),
             correlation_id: None,
         },
+        automated: None,
     }
 }
 
@@ -404,6 +405,15 @@ impl Normalizer<'_, '_> {
 
         let report = self.delivery_report();
         let automated = self.automated(report.is_some());
+        // On the envelope too, so every reader of the stream and the history
+        // knows not to answer it automatically.
+        envelope.automated = automated.as_ref().map(|a| switchboard_core::Automated {
+            kind: match a.kind {
+                Automated::AutoReply => switchboard_core::AutomatedKind::AutoReply,
+                Automated::Bounce => switchboard_core::AutomatedKind::Bounce,
+            },
+            reason: a.reason.clone(),
+        });
         let status = report.and_then(|r| self.status_command(&envelope, &r));
         if m.parts.iter().any(|p| p.is_encoding_problem) {
             self.warnings

@@ -381,6 +381,7 @@ fn envelope(p: &Planned, i: usize, now: DateTime<Utc>) -> Envelope {
             request_id: Some(format!("bench-req-{i}")),
             correlation_id: None,
         },
+        automated: None,
     }
 }
 

@@ -932,6 +932,7 @@ impl PrepareCtx {
             },
             provider_raw: None,
             trace: Trace::default(),
+            automated: None,
         };
         let status = if problem.is_some() {
             "failed"

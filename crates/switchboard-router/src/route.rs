@@ -325,6 +325,7 @@ impl Router {
                 channel: env.channel,
                 rule,
                 reopened,
+                automated: env.automated.is_some(),
             },
             Direction::Outbound => EventKind::MessageSent {
                 message_id: env.id,

@@ -187,6 +187,7 @@ impl Harness {
             },
             provider_raw: None,
             trace: Trace::default(),
+            automated: None,
         }
     }
 

@@ -225,6 +225,7 @@ pub fn parse_message(
             request_id: stamp.request_id.clone(),
             correlation_id: None,
         },
+        automated: None,
     })
 }
 

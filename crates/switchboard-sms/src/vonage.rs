@@ -189,6 +189,7 @@ fn envelope(
             request_id: stamp.request_id.clone(),
             correlation_id: None,
         },
+        automated: None,
     })
 }
 

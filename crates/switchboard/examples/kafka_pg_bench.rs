@@ -270,6 +270,7 @@ fn message(run: &str, i: usize, customers: usize) -> (String, Vec<u8>, String) {
             request_id: Some(format!("bench-req-{i}")),
             correlation_id: None,
         },
+        automated: None,
     };
     let pkey = env.customer_identity().partition_key();
     let payload = serde_json::to_vec(&env).expect("an envelope serializes");

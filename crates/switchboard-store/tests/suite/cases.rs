@@ -65,6 +65,7 @@ pub(crate) fn envelope(
         thread_hints: ThreadHints::default(),
         provider_raw: None,
         trace: Trace::default(),
+        automated: None,
     }
 }
 
