@@ -73,6 +73,77 @@ impl From<async_imap::error::Error> for ImapError {
     }
 }
 
+/// What the server offers that a sync uses.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    /// RFC 6851 MOVE.
+    can_move: bool,
+    /// RFC 4315 UIDPLUS (UID EXPUNGE).
+    uidplus: bool,
+    /// Gmail's X-GM-EXT-1 (X-GM-THRID).
+    gmail: bool,
+}
+
+/// The Gmail thread id (X-GM-THRID) of each message of `set`, asked for
+/// apart from the bodies: async-imap reads the attribute but gives no access
+/// to it, so the responses are read here, with its parser.
+async fn gmail_thread_ids(
+    session: &mut Session,
+    set: &str,
+) -> Result<HashMap<u32, u64>, ImapError> {
+    use async_imap::imap_proto::{Response, Status};
+    let tag = session
+        .run_command(format!("UID FETCH {set} (UID X-GM-THRID)"))
+        .await?;
+    let mut out = HashMap::new();
+    loop {
+        let Some(resp) = session
+            .read_response()
+            .await
+            .map_err(|e| ImapError::Protocol(format!("reading X-GM-THRID: {e}")))?
+        else {
+            return Err(ImapError::Protocol(
+                "connection closed while reading X-GM-THRID".into(),
+            ));
+        };
+        match resp.parsed() {
+            Response::Fetch(_, attrs) => {
+                if let Some((uid, thread)) = fetched_thread_id(attrs) {
+                    out.insert(uid, thread);
+                }
+            }
+            Response::Done {
+                tag: done,
+                status,
+                outcome,
+            } if *done == tag => {
+                if *status != Status::Ok {
+                    return Err(ImapError::Protocol(format!(
+                        "UID FETCH X-GM-THRID: {status:?} {}",
+                        outcome.information.as_deref().unwrap_or("")
+                    )));
+                }
+                return Ok(out);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The (UID, X-GM-THRID) of one FETCH response, when it has both.
+fn fetched_thread_id(attrs: &[async_imap::imap_proto::AttributeValue<'_>]) -> Option<(u32, u64)> {
+    use async_imap::imap_proto::AttributeValue;
+    let uid = attrs.iter().find_map(|a| match a {
+        AttributeValue::Uid(u) => Some(*u),
+        _ => None,
+    })?;
+    let thread = attrs.iter().find_map(|a| match a {
+        AttributeValue::GmailThrId(t) => Some(*t),
+        _ => None,
+    })?;
+    Some((uid, thread))
+}
+
 /// Where pollers keep their checkpoints.
 #[async_trait]
 pub trait Checkpoints: Send + Sync {
@@ -409,6 +480,9 @@ impl ImapPoller {
         let can_idle = self.cfg.idle && caps.has_str("IDLE");
         let can_move = caps.has_str("MOVE");
         let uidplus = caps.has_str("UIDPLUS");
+        // Gmail's thread ids (X-GM-EXT-1): a thread hint that survives
+        // clients dropping In-Reply-To and References.
+        let gmail = caps.has_str("X-GM-EXT-1");
         drop(caps);
         if let AfterAccept::Move(folder) = &self.cfg.after {
             // Created if missing; "already exists" is the usual answer.
@@ -449,8 +523,11 @@ impl ImapPoller {
                         &mut session,
                         uidvalidity,
                         &mut last_uid,
-                        can_move,
-                        uidplus,
+                        Caps {
+                            can_move,
+                            uidplus,
+                            gmail,
+                        },
                         shutdown,
                     )
                     .await?;
@@ -516,10 +593,14 @@ impl ImapPoller {
         session: &mut Session,
         uidvalidity: u32,
         last_uid: &mut u32,
-        can_move: bool,
-        uidplus: bool,
+        caps: Caps,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<usize, ImapError> {
+        let Caps {
+            can_move,
+            uidplus,
+            gmail,
+        } = caps;
         let t = self.cfg.timeout;
         let found = timed(
             t,
@@ -549,7 +630,14 @@ impl ImapPoller {
             };
             // One copy per UID, in UID order.
             let fetched: BTreeMap<u32, Vec<u8>> = fetched.into_iter().collect();
-            let records = self.parse_batch(uidvalidity, fetched.clone()).await?;
+            let threads = if gmail {
+                timed(t, "UID FETCH X-GM-THRID", gmail_thread_ids(session, &set)).await??
+            } else {
+                HashMap::new()
+            };
+            let records = self
+                .parse_batch(uidvalidity, fetched.clone(), threads)
+                .await?;
             let count = records.len();
             let Some(()) = self.hand_over(records, shutdown).await else {
                 // Shutdown while the stream was unavailable: nothing is
@@ -591,11 +679,13 @@ impl ImapPoller {
         &self,
         uidvalidity: u32,
         fetched: BTreeMap<u32, Vec<u8>>,
+        threads: HashMap<u32, u64>,
     ) -> Result<Vec<(u32, Vec<Received>)>, ImapError> {
         let ctx = Arc::clone(&self.parse);
         let mailbox = self.mailbox.clone();
         let reply_domain = self.reply_domain.clone();
         let mails: Vec<(u32, Vec<u8>)> = fetched.into_iter().collect();
+        let thread_ids = threads;
         tokio::task::spawn_blocking(move || {
             // Each original is synced to disk before it is handed over; a few
             // threads let those waits overlap. Results keep UID order.
@@ -603,7 +693,7 @@ impl ImapPoller {
             let per = mails.len().div_ceil(threads).max(1);
             let parse_one = |uid: u32, raw: &[u8]| -> Result<(u32, Vec<Received>), ImapError> {
                 let extras = ServerExtras {
-                    gmail_thread_id: None,
+                    gmail_thread_id: thread_ids.get(&uid).copied(),
                     request_id: Some(format!("imap:{mailbox}:{uidvalidity}:{uid}")),
                     received_at: None,
                 };
@@ -831,6 +921,27 @@ pub fn pollers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gmail_thread_ids_are_read_from_fetch_responses() {
+        use async_imap::imap_proto::Response;
+        let parse_response = Response::parse;
+        // As Gmail answers `UID FETCH 345 (UID X-GM-THRID)`.
+        let line = b"* 12 FETCH (X-GM-THRID 1278455344230334865 UID 345)\r\n";
+        let (_, resp) = parse_response(line).unwrap();
+        let Response::Fetch(12, attrs) = resp else {
+            panic!("not a fetch: {resp:?}")
+        };
+        assert_eq!(
+            fetched_thread_id(&attrs),
+            Some((345, 1_278_455_344_230_334_865))
+        );
+        let (_, resp) = parse_response(b"* 13 FETCH (UID 346)\r\n").unwrap();
+        let Response::Fetch(_, attrs) = resp else {
+            panic!()
+        };
+        assert_eq!(fetched_thread_id(&attrs), None, "no thread id, no entry");
+    }
 
     #[test]
     fn uid_sets_are_compact() {
