@@ -621,6 +621,28 @@ async fn reply_is_sent_once_signed_and_tracked_on(backend: Backend) {
 
     assert_eq!(s.receiver.arrivals(key).len(), 1);
     s.receiver.assert_all_signed();
+
+    // Service levels: answered within the hour, nobody waiting.
+    let conv = api
+        .get(&format!("/v1/conversations/{}", s.conversation))
+        .await
+        .unwrap();
+    let levels = &conv.body["service_levels"];
+    assert_eq!(levels["target_seconds"], 3600, "{levels}");
+    let waited = levels["first_response_seconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no first response: {levels}"));
+    assert!((0.0..3600.0).contains(&waited), "{levels}");
+    assert_eq!(levels["awaiting_reply_since"], Value::Null, "{levels}");
+    assert_eq!(levels["breached"], false, "{levels}");
+    // ... and in the histogram, once.
+    let metrics = api.metrics().await.unwrap();
+    let counts = metric_samples(&metrics, "switchboard_first_response_seconds_count");
+    assert_eq!(
+        counts,
+        [("channel=\"api\"".to_owned(), 1.0)],
+        "{metrics}"
+    );
 }
 
 /// 500 twice, then 200: three attempts of one message, numbered 1, 2, 3;

@@ -1140,6 +1140,13 @@ fn record_results(
         };
         let res = router.emit_delivery(&mut *tx, &delivery).and_then(|()| {
             if error.is_none() {
+                router.note_sent(
+                    &mut *tx,
+                    record.conversation_id,
+                    record.channel,
+                    record.message_id,
+                    millis(now),
+                )?;
                 router.emit_event(
                     &mut *tx,
                     record.customer_id,

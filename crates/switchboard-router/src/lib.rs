@@ -23,6 +23,7 @@ pub mod dispatch;
 pub mod policy;
 pub mod route;
 pub mod service;
+pub mod sla;
 
 pub use dispatch::{
     ChannelRule, CustomerServiceWindow, DISPATCH_GROUP, DispatchMetrics, DispatchSettings,
@@ -34,6 +35,7 @@ pub use service::{
     COMMANDS_GROUP, IDENTITY_GROUP, INBOUND_GROUP, OutboxPublisher, Pipeline, PipelineError,
     RouterMetrics,
 };
+pub use sla::{ServiceLevels, SlaMetrics, service_levels};
 
 #[cfg(test)]
 mod tests;

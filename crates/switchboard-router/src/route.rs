@@ -91,6 +91,7 @@ pub struct Router {
     policy: Policy,
     events_topic: String,
     delivery_topic: String,
+    sla: Option<crate::sla::SlaMetrics>,
 }
 
 fn window_ms(d: Duration) -> Millis {
@@ -155,7 +156,40 @@ impl Router {
             policy,
             events_topic: events_topic.into(),
             delivery_topic: switchboard_core::Topics::default().delivery,
+            sla: None,
         }
+    }
+
+    /// Records service levels (first response, resolution) in these
+    /// histograms. Observed inside the routing transaction: a transaction
+    /// retried after a store failure may count one twice.
+    pub fn with_sla_metrics(mut self, metrics: crate::sla::SlaMetrics) -> Self {
+        self.sla = Some(metrics);
+        self
+    }
+
+    /// Notes that `message_id`, a reply in `conversation_id`, went out at
+    /// `sent_at` (its status already `sent`): when it is the conversation's
+    /// first reply, its wait since the customer's first message is the
+    /// first-response time.
+    pub fn note_sent(
+        &self,
+        tx: &mut dyn Tx,
+        conversation_id: Uuid,
+        channel: switchboard_core::Channel,
+        message_id: Uuid,
+        sent_at: Millis,
+    ) -> Result<(), RouteError> {
+        let Some(m) = &self.sla else {
+            return Ok(());
+        };
+        if let (Some(first), Some(asked)) = tx.first_reply(conversation_id)?
+            && first == message_id
+            && sent_at >= asked
+        {
+            m.first_response(channel, sent_at - asked);
+        }
+        Ok(())
     }
 
     /// Sets the topic delivery statuses are written for (default
@@ -296,6 +330,9 @@ impl Router {
             rule,
             status,
         })?;
+        if env.direction == Direction::Outbound {
+            self.note_sent(tx, conv.id, env.channel, env.id, at)?;
+        }
 
         if opened {
             events.emit(
@@ -602,6 +639,9 @@ impl Router {
                     conv.status = ConversationStatus::Resolved;
                     conv.resolved_at = Some(at);
                     tx.update_conversation(&conv)?;
+                    if let Some(m) = &self.sla {
+                        m.resolution(conv.channel, at - conv.opened_at);
+                    }
                     events.emit(
                         tx,
                         conv.customer_id,

@@ -275,6 +275,16 @@ pub trait Tx {
         let _ = (conversation, limit);
         Ok(Vec::new())
     }
+    /// A conversation's first reply that went out (an outbound message
+    /// whose status is `sent`, `delivered` or `read`: its id), and the time
+    /// of its first inbound message, for the first-response time.
+    fn first_reply(
+        &mut self,
+        conversation: Uuid,
+    ) -> Result<(Option<Uuid>, Option<Millis>), StoreError> {
+        let _ = conversation;
+        Ok((None, None))
+    }
     /// Commits, durably.
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }

@@ -1756,6 +1756,31 @@ impl Tx for PgTx {
         }
     }
 
+    fn first_reply(
+        &mut self,
+        conversation: Uuid,
+    ) -> Result<(Option<Uuid>, Option<Millis>), StoreError> {
+        let reply = self.query(
+            "SELECT id FROM messages WHERE conversation_id = $1 AND direction = 'outbound' \
+             AND status IN ('sent', 'delivered', 'read') ORDER BY received_at, seq LIMIT 1",
+            &[&conversation],
+        )?;
+        let reply: Option<Uuid> = match reply.first() {
+            Some(r) => Some(col(r, 0)?),
+            None => None,
+        };
+        let first = self.query(
+            "SELECT MIN(received_at) FROM messages WHERE conversation_id = $1 \
+             AND direction = 'inbound'",
+            &[&conversation],
+        )?;
+        let first_inbound: Option<Millis> = match first.first() {
+            Some(r) => col(r, 0)?,
+            None => None,
+        };
+        Ok((reply, first_inbound))
+    }
+
     fn thread_message_ids(
         &mut self,
         conversation: Uuid,

@@ -1336,6 +1336,30 @@ impl Tx for SqliteTx<'_> {
             .map_err(unavailable)
     }
 
+    fn first_reply(
+        &mut self,
+        conversation: Uuid,
+    ) -> Result<(Option<Uuid>, Option<Millis>), StoreError> {
+        let id = conversation.to_string();
+        let reply: Option<Uuid> = self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM messages WHERE conversation_id = ?1 AND direction = 'outbound' \
+                 AND status IN ('sent', 'delivered', 'read') ORDER BY received_at, seq LIMIT 1",
+            )
+            .and_then(|mut s| s.query_row([&id], |r| uuid_col(r, 0)).optional())
+            .map_err(unavailable)?;
+        let first_inbound: Option<Millis> = self
+            .conn
+            .prepare_cached(
+                "SELECT MIN(received_at) FROM messages WHERE conversation_id = ?1 \
+                 AND direction = 'inbound'",
+            )
+            .and_then(|mut s| s.query_row([&id], |r| r.get(0)))
+            .map_err(unavailable)?;
+        Ok((reply, first_inbound))
+    }
+
     fn thread_message_ids(
         &mut self,
         conversation: Uuid,

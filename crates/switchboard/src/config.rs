@@ -54,6 +54,8 @@ pub struct RawConfig {
     pub log: RawLog,
     /// Shutdown.
     pub shutdown: RawShutdown,
+    /// Service levels.
+    pub service_levels: RawServiceLevels,
 }
 
 /// `[http]`.
@@ -244,6 +246,14 @@ pub struct RawShutdown {
     pub drain_timeout: String,
 }
 
+/// `[service_levels]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServiceLevels {
+    /// The reply target.
+    pub first_response: String,
+}
+
 /// The bus backend.
 #[derive(Debug, Clone)]
 pub enum BusBackend {
@@ -330,6 +340,8 @@ pub struct Config {
     pub log_level: String,
     /// Drain deadline.
     pub drain_timeout: Duration,
+    /// The first-response target of a conversation.
+    pub first_response_target: Duration,
     /// Dispatcher settings (retries; channel rules are the built-in ones).
     pub dispatch: DispatchSettings,
     /// Api channel accounts.
@@ -584,6 +596,9 @@ impl RawConfig {
         let drain_timeout = parse_duration(&self.shutdown.drain_timeout)
             .map_err(|e| problem("shutdown.drain_timeout", e))
             .unwrap_or_default();
+        let first_response_target = parse_duration(&self.service_levels.first_response)
+            .map_err(|e| problem("service_levels.first_response", e))
+            .unwrap_or_default();
 
         let default = self.threading.get("default").cloned().unwrap_or_default();
         let mut policy = Policy::default();
@@ -826,6 +841,7 @@ impl RawConfig {
             log_format,
             log_level: self.log.level.clone(),
             drain_timeout,
+            first_response_target,
             dispatch,
             api_accounts,
             api_default_account,

@@ -49,7 +49,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let router_metrics = RouterMetrics::register(&registry)?;
     let http_metrics = http::HttpMetrics::register(&registry)?;
     let router = Router::new(cfg.policy.clone(), topics.events.clone())
-        .with_delivery_topic(topics.delivery.clone());
+        .with_delivery_topic(topics.delivery.clone())
+        .with_sla_metrics(switchboard_router::SlaMetrics::register(&registry)?);
     let pipeline = Arc::new(
         Pipeline::new(
             Arc::clone(&bus),
@@ -154,6 +155,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         draining: AtomicBool::new(false),
         publish_timeout: cfg.publish_timeout,
         lag_groups: consumed(&topics, pipeline.rekeys()),
+        first_response_target: cfg.first_response_target,
     });
     if cfg.tokens.is_empty() {
         tracing::warn!("no api tokens configured: every /v1 request will be refused with 401");

@@ -47,6 +47,8 @@ pub struct AppState {
     /// The (topic, consumer group) pairs whose lag `/metrics` reports: the
     /// ones this daemon consumes.
     pub lag_groups: Vec<(String, String)>,
+    /// The reply target the conversation's service levels are held to.
+    pub first_response_target: std::time::Duration,
 }
 
 /// HTTP metrics.
@@ -535,7 +537,18 @@ async fn get_conversation(State(state): State<Arc<AppState>>, Path(id): Path<Str
     let store = Arc::clone(&state.store);
     match tokio::task::spawn_blocking(move || store.conversation(id)).await {
         Ok(Ok(Some((conversation, messages)))) => {
-            Json(json!({ "conversation": conversation, "messages": messages })).into_response()
+            let levels = switchboard_router::service_levels(
+                &conversation,
+                &messages,
+                state.first_response_target,
+                chrono::Utc::now().timestamp_millis(),
+            );
+            Json(json!({
+                "conversation": conversation,
+                "messages": messages,
+                "service_levels": levels,
+            }))
+            .into_response()
         }
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no conversation {id}"), None),
         Ok(Err(e)) => store_error(e),
