@@ -200,6 +200,45 @@ async fn sigterm_in_flight(backend: Backend) {
     assert!(counts.len() <= TOTAL);
 }
 
+/// With `shutdown.unready_delay`, SIGTERM first turns `/readyz` to 503
+/// (saying why) while every other request is still served, so a load
+/// balancer stops sending work before the listener closes; then the daemon
+/// drains and exits 0, and what it accepted meanwhile is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_503_while_the_daemon_drains() {
+    let mut dir = TestDir::new();
+    let mut daemon = dir
+        .start(&[("SWITCHBOARD__SHUTDOWN__UNREADY_DELAY", "3s")])
+        .await;
+    let api = daemon.api();
+    let readyz = || async {
+        let r = api
+            .client()
+            .get(api.url("/readyz"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        anyhow::Ok((r.status(), r.text().await?))
+    };
+    let (status, _) = readyz().await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+
+    daemon.terminate();
+    let (status, body) = wait_for("/readyz to answer 503", Duration::from_secs(3), || async {
+        let (status, body) = readyz().await?;
+        Ok((status != StatusCode::OK).then_some((status, body)))
+    })
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    // Still serving everything else until the listener closes.
+    let a = api.inbound(&post(7)).await.unwrap();
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    terminate_cleanly(&mut daemon).await;
+    drop(daemon);
+    check_restart(&mut dir, &["life:7".to_owned()]).await;
+}
+
 /// Embedded only, by nature: the data directory holds the embedded log, which
 /// one process at a time may open. On Kafka and PostgreSQL the data directory
 /// holds nothing shared, and a second daemon with the same configuration is

@@ -244,6 +244,8 @@ pub struct RawLog {
 pub struct RawShutdown {
     /// Drain deadline.
     pub drain_timeout: String,
+    /// How long `/readyz` answers 503 before the listener closes.
+    pub unready_delay: String,
 }
 
 /// `[service_levels]`.
@@ -340,6 +342,8 @@ pub struct Config {
     pub log_level: String,
     /// Drain deadline.
     pub drain_timeout: Duration,
+    /// How long `/readyz` answers 503 before the listener closes.
+    pub unready_delay: Duration,
     /// The first-response target of a conversation.
     pub first_response_target: Duration,
     /// Dispatcher settings (retries; channel rules are the built-in ones).
@@ -596,6 +600,9 @@ impl RawConfig {
         let drain_timeout = parse_duration(&self.shutdown.drain_timeout)
             .map_err(|e| problem("shutdown.drain_timeout", e))
             .unwrap_or_default();
+        let unready_delay = parse_duration(&self.shutdown.unready_delay)
+            .map_err(|e| problem("shutdown.unready_delay", e))
+            .unwrap_or_default();
         let first_response_target = parse_duration(&self.service_levels.first_response)
             .map_err(|e| problem("service_levels.first_response", e))
             .unwrap_or_default();
@@ -841,6 +848,7 @@ impl RawConfig {
             log_format,
             log_level: self.log.level.clone(),
             drain_timeout,
+            unready_delay,
             first_response_target,
             dispatch,
             api_accounts,

@@ -181,10 +181,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
 
     let drain_state = Arc::clone(&state);
+    let unready_delay = cfg.unready_delay;
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
         drain_state.draining.store(true, Ordering::SeqCst);
         crate::notify::stopping();
+        if !unready_delay.is_zero() {
+            tracing::info!(
+                delay_ms = unready_delay.as_millis() as u64,
+                "shutdown requested: /readyz answers 503 before intake stops"
+            );
+            tokio::time::sleep(unready_delay).await;
+        }
         tracing::info!("shutdown requested: stopping intake and draining");
     });
     let watchdog = crate::notify::spawn_watchdog();
