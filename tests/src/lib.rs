@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 pub use reqwest::StatusCode;
 
 pub mod mail;
+pub mod meta;
 pub mod providers;
 mod services;
 pub use services::{

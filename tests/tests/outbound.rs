@@ -638,11 +638,7 @@ async fn reply_is_sent_once_signed_and_tracked_on(backend: Backend) {
     // ... and in the histogram, once.
     let metrics = api.metrics().await.unwrap();
     let counts = metric_samples(&metrics, "switchboard_first_response_seconds_count");
-    assert_eq!(
-        counts,
-        [("channel=\"api\"".to_owned(), 1.0)],
-        "{metrics}"
-    );
+    assert_eq!(counts, [("channel=\"api\"".to_owned(), 1.0)], "{metrics}");
 }
 
 /// 500 twice, then 200: three attempts of one message, numbered 1, 2, 3;

@@ -183,6 +183,8 @@ pub struct RawChannels {
     pub sms: switchboard_sms::RawSmsChannel,
     /// The email channel (IMAP in, SMTP out).
     pub email: switchboard_email::RawEmailChannel,
+    /// The social channel (WhatsApp, Messenger, Instagram, Telegram).
+    pub social: switchboard_social::RawSocialChannel,
 }
 
 /// `[channels.api]`.
@@ -356,6 +358,8 @@ pub struct Config {
     pub sms: switchboard_sms::SmsConfig,
     /// The email channel.
     pub email: switchboard_email::EmailConfig,
+    /// The social channel; `None` when no account is configured.
+    pub social: Option<switchboard_social::SocialConfig>,
 }
 
 /// Overrides from the command line.
@@ -805,6 +809,16 @@ impl RawConfig {
                 None
             }
         };
+        let social = match self.channels.social.validate(&data_dir) {
+            Ok(social) => (!social.is_empty()).then_some(social),
+            Err(found) => {
+                for p in found {
+                    let (key, msg) = p.split_once(": ").unwrap_or((p.as_str(), ""));
+                    problem(key, msg.to_owned());
+                }
+                None
+            }
+        };
         let email = match self.channels.email.validate(&data_dir) {
             Ok(email) => email,
             Err(found) => {
@@ -855,6 +869,7 @@ impl RawConfig {
             api_default_account,
             sms: sms.expect("checked above"),
             email,
+            social,
         })
     }
 }

@@ -94,6 +94,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         adapters.push(Arc::new(sms.outbound()));
         Some(sms)
     };
+    // The social channel (WhatsApp, Messenger, Instagram, Telegram), when an
+    // account is configured: webhooks at /webhooks/social, one sending
+    // adapter per configured channel, Telegram pollers.
+    let social_intake: Arc<dyn switchboard_core::Intake> = Arc::new(crate::intake::BusIntake::new(
+        Arc::clone(&bus),
+        topics.clone(),
+        cfg.publish_timeout,
+    ));
+    let social = match &cfg.social {
+        Some(social_cfg) => {
+            let social = switchboard_social::SocialChannel::open(social_cfg.clone(), &registry)?;
+            adapters.extend(social.outbounds());
+            Some(social)
+        }
+        None => None,
+    };
     // The email channel: SMTP out, and one IMAP poller per mailbox (started
     // with the loops below), checkpointing in the history store.
     if let Some(smtp) =
@@ -139,6 +155,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(sms) = &sms {
         tokio::spawn(Arc::clone(sms).run_concat_timer(Arc::clone(&sms_intake), stop_rx.clone()));
     }
+    if let Some(social) = &social {
+        tokio::spawn(
+            Arc::clone(social).run_telegram_polling(Arc::clone(&social_intake), stop_rx.clone()),
+        );
+    }
     let identity = if pipeline.rekeys() {
         tokio::spawn(Arc::clone(&pipeline).run_identity(stop_rx.clone()))
     } else {
@@ -161,6 +182,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!("no api tokens configured: every /v1 request will be refused with 401");
     }
     let mut app = http::router(Arc::clone(&state), cfg.max_body_bytes);
+    if let Some(social) = &social {
+        app = app.nest(
+            "/webhooks/social",
+            social
+                .router(Arc::clone(&social_intake))
+                .layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes)),
+        );
+    }
     if let Some(sms) = &sms {
         app = app.nest(
             "/webhooks/sms",

@@ -1,0 +1,293 @@
+//! What the platforms share: the "malformed" error that names the field,
+//! the stamp a parse uses, what a parse yields, and small helpers.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use switchboard_core::records::CommandSchema;
+use switchboard_core::{
+    Channel, Command, CommandKind, DeliveryError, DeliveryState, Envelope, Identity, IdentityKind,
+    ProviderRaw,
+};
+use uuid::Uuid;
+
+/// A payload that cannot be what the platform sends: answered 400 with the
+/// field at fault (the same bytes fail the same way again).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {reason}")]
+pub struct Malformed {
+    /// The JSON path at fault (`.` for the whole body).
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Malformed {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Malformed {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a parse needs besides the payload, passed in so that golden tests
+/// are deterministic: the first envelope id (the next ones count up from
+/// it) and the receipt time.
+#[derive(Debug, Clone)]
+pub struct Stamp {
+    /// The first envelope id of the request.
+    pub id: Uuid,
+    /// Receipt time.
+    pub received_at: DateTime<Utc>,
+    /// The webhook request's id, for logs.
+    pub request_id: Option<String>,
+}
+
+impl Stamp {
+    /// A fresh id, now.
+    pub fn now() -> Self {
+        Stamp {
+            id: Uuid::now_v7(),
+            received_at: Utc::now(),
+            request_id: Some(Uuid::now_v7().to_string()),
+        }
+    }
+
+    /// The id of the `n`th envelope of the request (0-based): the first id
+    /// plus `n`, so that ids stay time-ordered and distinct within a batch.
+    pub fn id(&self, n: usize) -> Uuid {
+        Uuid::from_u128(self.id.as_u128().wrapping_add(n as u128))
+    }
+}
+
+/// Which kind of change a platform reported about a stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// The text was edited.
+    Edit,
+    /// A reaction was set (or removed: `emoji` empty).
+    Reaction,
+    /// The message was deleted (unsent, revoked).
+    Delete,
+}
+
+/// A change to a message that was sent earlier: it must change the stored
+/// message, never add one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    /// Edit, reaction or deletion.
+    pub kind: ChangeKind,
+    /// Stable across redelivery of the same report.
+    pub idempotency_key: String,
+    /// The channel.
+    pub channel: Channel,
+    /// Our account.
+    pub account: String,
+    /// The provider's id of the message changed.
+    pub target: String,
+    /// Who made the change.
+    pub by: Identity,
+    /// When, by the platform's clock.
+    pub at: DateTime<Utc>,
+    /// The new text, for an edit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// The reaction, for a reaction; empty when it was removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emoji: Option<String>,
+}
+
+/// A delivery status a platform reported, before it is matched to
+/// Switchboard's message id.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusReport {
+    /// The channel.
+    pub channel: Channel,
+    /// Our account.
+    pub account: String,
+    /// The provider's id of our message; `None` for a watermark report.
+    pub provider_message_id: Option<String>,
+    /// Every message to `recipient` sent at or before this time (Messenger
+    /// `read`, `delivery` without mids).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<DateTime<Utc>>,
+    /// The customer the message went to.
+    pub recipient: String,
+    /// Switchboard's id, when the report carries it
+    /// (`biz_opaque_callback_data`).
+    pub message_id: Option<Uuid>,
+    /// The state.
+    pub status: DeliveryState,
+    /// Why, for `failed`.
+    pub error: Option<DeliveryError>,
+    /// When, by the platform's clock.
+    pub at: DateTime<Utc>,
+}
+
+/// One thing a webhook payload said.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Parsed {
+    /// A message: a customer's, or an echo of one of ours
+    /// (`direction: outbound`).
+    Message {
+        /// The envelope.
+        envelope: Box<Envelope>,
+    },
+    /// A delivery status of one of our messages.
+    Status {
+        /// The report.
+        report: StatusReport,
+    },
+    /// An edit, reaction or deletion of a message.
+    Change {
+        /// The change.
+        change: Change,
+    },
+    /// A Telegram group became a supergroup with a new chat id.
+    Migrated {
+        /// Our bot.
+        account: String,
+        /// The old chat id.
+        from_chat: i64,
+        /// The new chat id.
+        to_chat: i64,
+    },
+    /// Nothing to record, and why.
+    Ignored {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Parsed {
+    pub(crate) fn ignored(reason: impl Into<String>) -> Self {
+        Parsed::Ignored {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The original item as JSON text.
+pub fn raw_json(value: &serde_json::Value) -> ProviderRaw {
+    ProviderRaw {
+        content_type: "application/json".to_owned(),
+        body: Some(value.to_string()),
+        encoding: Some("utf8".to_owned()),
+        storage_ref: None,
+        parse_error: None,
+    }
+}
+
+/// Seconds or milliseconds since the epoch as a time.
+pub fn from_secs(secs: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(secs, 0)
+}
+
+/// Milliseconds since the epoch as a time.
+pub fn from_ms(ms: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
+}
+
+/// A JSON string or number as text (ids arrive as either).
+pub fn id_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// An identity of a platform-scoped id kind; a value the core refuses is
+/// kept as an `external` identity `PREFIX:VALUE`, so nothing is dropped.
+pub fn scoped_identity(kind: IdentityKind, value: &str, prefix: &str) -> Identity {
+    Identity::new(kind, value).unwrap_or_else(|_| Identity {
+        kind: IdentityKind::External,
+        value: format!("{prefix}:{}", value.trim()),
+    })
+}
+
+/// Namespace of the deterministic ids of status commands.
+const STATUS_NAMESPACE: Uuid = Uuid::from_u128(0x7c1e_52a4_0b9d_4f3e_8a26_d41f_6e0b_93c5);
+
+/// A `message.status` command whose id is derived from the report
+/// (`channel:provider_message_id:status`), so the platform's redelivery of
+/// one report is applied once.
+pub fn status_command(
+    channel: Channel,
+    message_id: Uuid,
+    provider_message_id: &str,
+    status: DeliveryState,
+    error: Option<DeliveryError>,
+    at: DateTime<Utc>,
+) -> Command {
+    let state = serde_json::to_value(status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let id = Uuid::new_v5(
+        &STATUS_NAMESPACE,
+        format!("{channel}:{provider_message_id}:{state}").as_bytes(),
+    );
+    Command {
+        schema: CommandSchema::V1,
+        id,
+        at,
+        kind: CommandKind::MessageStatus {
+            message_id,
+            status,
+            provider_message_id: Some(provider_message_id.to_owned()),
+            error,
+        },
+    }
+}
+
+/// Compares in time independent of where the inputs differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A WhatsApp id (or any international number, with or without `+`) in
+/// E.164, read with libphonenumber's metadata.
+pub fn e164(raw: &str) -> Option<String> {
+    let digits = raw.trim().trim_start_matches('+');
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let parsed = phonenumber::parse(None, format!("+{digits}")).ok()?;
+    let s = parsed.format().mode(phonenumber::Mode::E164).to_string();
+    Identity::new(IdentityKind::Phone, &s).ok().map(|i| i.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_ids_count_up_from_the_first() {
+        let s = Stamp {
+            id: Uuid::from_u128(10),
+            received_at: Utc::now(),
+            request_id: None,
+        };
+        assert_eq!(s.id(0), Uuid::from_u128(10));
+        assert_eq!(s.id(3), Uuid::from_u128(13));
+    }
+
+    #[test]
+    fn wa_ids_are_e164_numbers() {
+        assert_eq!(e164("972544401243").as_deref(), Some("+972544401243"));
+        assert_eq!(e164("+14155550100").as_deref(), Some("+14155550100"));
+        assert_eq!(e164("abc"), None);
+        assert_eq!(e164(""), None);
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
