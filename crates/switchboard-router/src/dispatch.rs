@@ -282,13 +282,35 @@ pub struct Dispatcher {
     store: Arc<dyn Store>,
     router: Router,
     topics: Topics,
-    adapters: HashMap<Channel, Arc<dyn Outbound>>,
+    /// Replaced whole on a reload; a send in flight keeps the adapter it
+    /// started with.
+    adapters: std::sync::RwLock<HashMap<Channel, Arc<dyn Outbound>>>,
     settings: DispatchSettings,
     metrics: DispatchMetrics,
     outbox: Arc<OutboxPublisher>,
 }
 
 impl Dispatcher {
+    /// The adapters now.
+    fn adapters(&self) -> HashMap<Channel, Arc<dyn Outbound>> {
+        self.adapters
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the adapter of each given channel (new credentials, new
+    /// accounts): requests prepared from now on use it.
+    pub fn replace_adapters(&self, adapters: Vec<Arc<dyn Outbound>>) {
+        let mut map = self
+            .adapters
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for a in adapters {
+            map.insert(a.channel(), a);
+        }
+    }
+
     /// Wires a dispatcher.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -306,7 +328,9 @@ impl Dispatcher {
             store,
             router,
             topics,
-            adapters: adapters.into_iter().map(|a| (a.channel(), a)).collect(),
+            adapters: std::sync::RwLock::new(
+                adapters.into_iter().map(|a| (a.channel(), a)).collect(),
+            ),
             settings,
             metrics,
             outbox,
@@ -397,8 +421,9 @@ impl Dispatcher {
 
         let semaphore = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
         let mut set = tokio::task::JoinSet::new();
+        let adapters = self.adapters();
         for (i, job) in jobs {
-            let Some(adapter) = self.adapters.get(&job.msg.channel).cloned() else {
+            let Some(adapter) = adapters.get(&job.msg.channel).cloned() else {
                 continue;
             };
             let semaphore = Arc::clone(&semaphore);
@@ -460,7 +485,7 @@ impl Dispatcher {
             let ctx = PrepareCtx {
                 topics: self.topics.clone(),
                 router: self.router.clone(),
-                adapters: self.adapters.clone(),
+                adapters: self.adapters(),
                 settings: self.settings.clone(),
             };
             let res = tokio::task::spawn_blocking(move || ctx.prepare_batch(&*store, &batch))

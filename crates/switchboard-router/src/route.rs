@@ -13,6 +13,8 @@ use switchboard_store::{
 };
 use uuid::Uuid;
 
+use std::sync::{Arc, PoisonError, RwLock};
+
 use crate::policy::Policy;
 
 /// Why a routing step failed.
@@ -88,7 +90,8 @@ pub enum Routed {
 /// everything it decides is read from and written to the transaction.
 #[derive(Debug, Clone)]
 pub struct Router {
-    policy: Policy,
+    /// Shared by every clone, so a reload reaches every loop.
+    policy: Arc<RwLock<Policy>>,
     events_topic: String,
     delivery_topic: String,
     sla: Option<crate::sla::SlaMetrics>,
@@ -153,7 +156,7 @@ impl Router {
     /// A router with this policy, writing events for `events_topic`.
     pub fn new(policy: Policy, events_topic: impl Into<String>) -> Self {
         Router {
-            policy,
+            policy: Arc::new(RwLock::new(policy)),
             events_topic: events_topic.into(),
             delivery_topic: switchboard_core::Topics::default().delivery,
             sla: None,
@@ -200,8 +203,24 @@ impl Router {
     }
 
     /// The threading policy.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    pub fn policy(&self) -> Policy {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the threading policy (windows per channel) for this router
+    /// and every clone of it: messages routed from now on use it.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = policy;
+    }
+
+    fn channel_policy(&self, channel: switchboard_core::Channel) -> crate::ChannelPolicy {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .channel(channel)
     }
 
     /// Stores an outbound message with a delivery status, in `conversation`
@@ -451,7 +470,7 @@ impl Router {
         customer: Uuid,
         at: Millis,
     ) -> Result<(Conversation, ThreadRule, bool, bool), RouteError> {
-        let policy = self.policy.channel(env.channel);
+        let policy = self.channel_policy(env.channel);
         let reopen = window_ms(policy.reopen);
         let hints = &env.thread_hints;
 
@@ -567,8 +586,7 @@ impl Router {
             last_inbound_account: None,
             resolved_at: None,
             subject_key: self
-                .policy
-                .channel(env.channel)
+                .channel_policy(env.channel)
                 .match_subject
                 .then(|| env.subject.as_deref().map(subject_key).unwrap_or_default()),
         }

@@ -23,21 +23,51 @@ use crate::config::{Config, LogFormat};
 use crate::http;
 
 /// Sets up logging as configured; `RUST_LOG` wins over `log.level`.
-pub fn init_tracing(cfg: &Config) {
+pub fn init_tracing(cfg: &Config) -> crate::reload::LogHandle {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // The filter can be swapped on SIGHUP (`log.level`).
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match cfg.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+        .with_ansi(ansi);
+    let fmt: Box<dyn tracing_subscriber::Layer<_> + Send + Sync> = match cfg.log_format {
+        LogFormat::Json => Box::new(fmt.json()),
+        LogFormat::Text => Box::new(fmt),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    handle
 }
 
-/// Runs the daemon until SIGTERM or SIGINT, then drains.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// The api channel's sending side from the configuration.
+pub fn api_channel(cfg: &Config) -> anyhow::Result<ApiChannel> {
+    let mut api_accounts = HashMap::new();
+    for (name, acct) in &cfg.api_accounts {
+        let url = acct
+            .url
+            .parse()
+            .with_context(|| format!("channels.api.accounts.{name}.url"))?;
+        api_accounts.insert(
+            name.clone(),
+            ApiAccount {
+                url,
+                secret: acct.secret.clone(),
+                timeout: acct.timeout,
+            },
+        );
+    }
+    Ok(ApiChannel::new(
+        api_accounts,
+        cfg.api_default_account.clone(),
+    )?)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, then drains. With a reloader,
+/// SIGHUP reloads what is safe to reload (see [`crate::reload`]).
+pub async fn run(cfg: Config, reloader: Option<crate::reload::Reloader>) -> anyhow::Result<()> {
     let topics = Topics::with_prefix(&cfg.topic_prefix);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
@@ -64,22 +94,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         // re-keyed by customer so no two instances thread one customer at once.
         .with_rekey(matches!(cfg.bus, BusBackend::Kafka { .. })),
     );
-    let mut api_accounts = HashMap::new();
-    for (name, acct) in &cfg.api_accounts {
-        let url = acct
-            .url
-            .parse()
-            .with_context(|| format!("channels.api.accounts.{name}.url"))?;
-        api_accounts.insert(
-            name.clone(),
-            ApiAccount {
-                url,
-                secret: acct.secret.clone(),
-                timeout: acct.timeout,
-            },
-        );
-    }
-    let api = ApiChannel::new(api_accounts, cfg.api_default_account.clone())?;
+    let api = api_channel(&cfg)?;
     let mut adapters: Vec<Arc<dyn Outbound>> = vec![Arc::new(api)];
     // The SMS channel (Twilio, Vonage), when an account is configured.
     let sms_intake: Arc<dyn switchboard_core::Intake> = Arc::new(crate::intake::BusIntake::new(
@@ -130,7 +145,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let dispatcher = Arc::new(Dispatcher::new(
         Arc::clone(&bus),
         Arc::clone(&store),
-        router,
+        router.clone(),
         topics.clone(),
         adapters,
         cfg.dispatch.clone(),
@@ -170,7 +185,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         bus: Arc::clone(&bus),
         store: Arc::clone(&store),
         topics: topics.clone(),
-        tokens: cfg.tokens.clone(),
+        tokens: std::sync::RwLock::new(cfg.tokens.clone()),
         registry,
         metrics: http_metrics,
         draining: AtomicBool::new(false),
@@ -225,6 +240,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!("shutdown requested: stopping intake and draining");
     });
     let watchdog = crate::notify::spawn_watchdog();
+    let hup = reloader.map(|r| {
+        tokio::spawn(reload_on_sighup(
+            r,
+            Arc::clone(&state),
+            router.clone(),
+            Arc::clone(&dispatcher),
+        ))
+    });
     crate::notify::ready();
     let mut inbound = inbound;
     let mut commands = commands;
@@ -283,6 +306,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     if let Some(w) = watchdog {
         w.abort();
+    }
+    if let Some(h) = hup {
+        h.abort();
     }
     bus_handle.close().await;
     tracing::info!("switchboard stopped");
@@ -554,4 +580,27 @@ fn consumed(topics: &switchboard_core::Topics, rekey: bool) -> Vec<(String, Stri
     pairs.push((topics.commands.clone(), g.commands.clone()));
     pairs.push((topics.outbound.clone(), g.dispatcher.clone()));
     pairs
+}
+
+/// Reloads on every SIGHUP, logging what was applied or why nothing was.
+async fn reload_on_sighup(
+    mut reloader: crate::reload::Reloader,
+    state: Arc<http::AppState>,
+    router: Router,
+    dispatcher: Arc<Dispatcher>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP: reloading is off");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match reloader.reload(&state, &router, &dispatcher) {
+            Ok(applied) => tracing::info!(%applied, "configuration reloaded"),
+            Err(reason) => tracing::error!(%reason, "configuration reload refused"),
+        }
+    }
 }

@@ -34,8 +34,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Topic names.
     pub topics: Topics,
-    /// Accepted bearer tokens.
-    pub tokens: Vec<String>,
+    /// Accepted bearer tokens (replaced on a reload).
+    pub tokens: std::sync::RwLock<Vec<String>>,
     /// Metric registry for `/metrics`.
     pub registry: Registry,
     /// HTTP metrics.
@@ -49,6 +49,16 @@ pub struct AppState {
     pub lag_groups: Vec<(String, String)>,
     /// The reply target the conversation's service levels are held to.
     pub first_response_target: std::time::Duration,
+}
+
+impl AppState {
+    /// Replaces the accepted bearer tokens.
+    pub fn set_tokens(&self, tokens: Vec<String>) {
+        *self
+            .tokens
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tokens;
+    }
 }
 
 /// HTTP metrics.
@@ -207,9 +217,14 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let ok = presented.is_some_and(|p| {
-        state.tokens.iter().fold(false, |acc, t| {
-            acc | constant_time_eq(t.as_bytes(), p.as_bytes())
-        })
+        state
+            .tokens
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .fold(false, |acc, t| {
+                acc | constant_time_eq(t.as_bytes(), p.as_bytes())
+            })
     });
     if ok {
         return next.run(req).await;

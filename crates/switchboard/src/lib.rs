@@ -16,4 +16,5 @@ pub mod http;
 pub mod imap_metrics;
 pub mod intake;
 pub mod notify;
+pub mod reload;
 pub mod schemas;

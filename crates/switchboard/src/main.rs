@@ -198,7 +198,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            daemon::init_tracing(&cfg);
+            let _log = daemon::init_tracing(&cfg);
             block_on(daemon::replay(&cfg), |summary| println!("{summary}"))
         }
         Cmd::Dlq { action } => dlq(action),
@@ -217,13 +217,28 @@ fn main() -> ExitCode {
             listen,
             data_dir,
         } => {
-            let cfg = match checked_config(config, Overrides { listen, data_dir }) {
-                Ok(cfg) => cfg,
-                Err(code) => return code,
+            let overrides = Overrides { listen, data_dir };
+            let load = move || -> Result<(config::RawConfig, config::Config), String> {
+                let raw = config::load(config.as_deref(), &process_env(), &overrides)
+                    .map_err(|e| e.to_string())?;
+                let cfg = raw.clone().validate().map_err(|e| e.to_string())?;
+                Ok((raw, cfg))
             };
-            daemon::init_tracing(&cfg);
+            let (raw, cfg) = match load() {
+                Ok(both) => both,
+                Err(problems) => {
+                    eprintln!("{problems}");
+                    return ExitCode::from(78);
+                }
+            };
+            let log = daemon::init_tracing(&cfg);
+            let reloader = switchboard::reload::Reloader {
+                load: Box::new(load),
+                started_with: raw,
+                log: Some(log),
+            };
             let run = async {
-                let res = daemon::run(cfg).await;
+                let res = daemon::run(cfg, Some(reloader)).await;
                 if let Err(e) = &res {
                     tracing::error!(error = format!("{e:#}"), "switchboard stopped");
                 }
