@@ -614,6 +614,7 @@ async fn send_with_retries(
                 }
                 tracing::info!(
                     message_id = %msg.message_id, key = %msg.idempotency_key, channel, attempt,
+                    conversation_id = %msg.conversation_id,
                     provider_message_id = receipt.provider_message_id.as_deref().unwrap_or(""),
                     segments = receipt.segments.unwrap_or(0),
                     "message sent"

@@ -390,6 +390,12 @@ impl Router {
             },
         };
         events.emit(tx, customer_id, at, kind)?;
+        tracing::debug!(
+            message_id = %env.id, key = %env.idempotency_key,
+            request_id = %env.trace.request_id.as_deref().unwrap_or(""),
+            %customer_id, conversation_id = %conv.id, rule = %rule.as_str(),
+            "message routed"
+        );
         Ok(Routed::Stored {
             message_id: env.id,
             customer_id,

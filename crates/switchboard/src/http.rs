@@ -287,10 +287,21 @@ async fn post_inbound(
     if let Err(e) = require_json(&headers) {
         return e.into_response();
     }
-    let env = match decode_envelope(&body) {
+    let mut env = match decode_envelope(&body) {
         Ok(env) => env,
         Err(e) => return decode_error(&e),
     };
+    // The request id that connects this call to the message in the logs:
+    // the envelope's own, else the caller's `X-Request-Id`, else a new one.
+    if env.trace.request_id.is_none() {
+        env.trace.request_id = Some(
+            headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty() && v.len() <= 200)
+                .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned),
+        );
+    }
     // What goes on the bus is the normalized envelope, with the id and time
     // filled in, so every reader sees the same values.
     let payload = match serde_json::to_vec(&env) {
@@ -301,10 +312,17 @@ async fn post_inbound(
     if let Err(resp) = publish(&state, &state.topics.inbound, key.as_bytes(), payload).await {
         return resp;
     }
-    tracing::debug!(id = %env.id, key = %env.idempotency_key, "inbound accepted");
+    let request_id = env.trace.request_id.clone().unwrap_or_default();
+    tracing::debug!(
+        message_id = %env.id, key = %env.idempotency_key, %request_id, "inbound accepted"
+    );
     (
         StatusCode::ACCEPTED,
-        Json(json!({ "id": env.id, "idempotency_key": env.idempotency_key })),
+        Json(json!({
+            "id": env.id,
+            "idempotency_key": env.idempotency_key,
+            "request_id": request_id,
+        })),
     )
         .into_response()
 }

@@ -34,7 +34,19 @@ impl BusIntake {
 impl Intake for BusIntake {
     async fn accept(&self, records: Vec<Received>) -> Result<(), IntakeError> {
         let mut batch = Vec::with_capacity(records.len());
+        // What connects the provider's request to the message in the logs.
+        let mut accepted: Vec<(String, String, String)> = Vec::with_capacity(records.len());
         for r in records {
+            match &r {
+                Received::Message(env) => accepted.push((
+                    env.trace.request_id.clone().unwrap_or_default(),
+                    env.id.to_string(),
+                    env.idempotency_key.clone(),
+                )),
+                Received::Command(cmd) => {
+                    accepted.push((String::new(), cmd.id.to_string(), cmd.partition_key()))
+                }
+            }
             let (topic, key, payload) = match r {
                 Received::Message(env) => (
                     &self.topics.inbound,
@@ -58,7 +70,12 @@ impl Intake for BusIntake {
             return Ok(());
         }
         match tokio::time::timeout(self.timeout, self.bus.publish_batch(batch)).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                for (request_id, id, key) in &accepted {
+                    tracing::debug!(%request_id, message_id = %id, %key, "record accepted");
+                }
+                Ok(())
+            }
             Ok(Err(e)) => Err(IntakeError::Unavailable(e.to_string())),
             Err(_) => Err(IntakeError::Unavailable(format!(
                 "the bus did not acknowledge within {:?}",
