@@ -158,6 +158,13 @@ pub trait Outbound: Send + Sync + 'static {
     /// Whether the provider deduplicates on the idempotency key.
     fn idempotent(&self) -> bool;
 
+    /// The provider that sends for `account` (`twilio`, `vonage`, `meta`,
+    /// `smtp`, ...): a metrics label. The default: the channel's name.
+    fn provider(&self, account: &str) -> &'static str {
+        let _ = account;
+        self.channel().as_str()
+    }
+
     /// Our identity on `account`, used as the sender of stored messages.
     fn sender(&self, account: &str) -> Result<Identity, SendError>;
 

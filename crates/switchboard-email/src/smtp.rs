@@ -256,6 +256,10 @@ impl Outbound for SmtpOutbound {
         false
     }
 
+    fn provider(&self, _account: &str) -> &'static str {
+        "smtp"
+    }
+
     fn sender(&self, account: &str) -> Result<Identity, SendError> {
         let s = self.account(account)?;
         Identity::new(IdentityKind::Email, &s.address)

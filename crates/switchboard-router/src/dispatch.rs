@@ -212,9 +212,9 @@ impl DispatchMetrics {
             attempts: IntCounterVec::new(
                 Opts::new(
                     "switchboard_outbound_attempts_total",
-                    "send attempts, by channel and outcome (sent, retry, failed)",
+                    "send attempts, by channel, provider and outcome (sent, retry, failed)",
                 ),
-                &["channel", "outcome"],
+                &["channel", "provider", "outcome"],
             )?,
             requests: IntCounterVec::new(
                 Opts::new(
@@ -226,9 +226,9 @@ impl DispatchMetrics {
             send_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "switchboard_outbound_send_seconds",
-                    "duration of one send attempt",
+                    "duration of one send attempt, by channel and provider",
                 ),
-                &["channel"],
+                &["channel", "provider"],
             )?,
             segments: IntCounterVec::new(
                 Opts::new(
@@ -592,6 +592,7 @@ async fn send_with_retries(
     mut shutdown: watch::Receiver<bool>,
 ) -> Sent {
     let channel = job.msg.channel.as_str();
+    let provider = adapter.provider(&job.msg.account);
     let mut attempt = job.attempts_before;
     loop {
         attempt += 1;
@@ -601,11 +602,14 @@ async fn send_with_retries(
         let res = adapter.send(&msg).await;
         metrics
             .send_seconds
-            .with_label_values(&[channel])
+            .with_label_values(&[channel, provider])
             .observe(started.elapsed().as_secs_f64());
         match res {
             Ok(receipt) => {
-                metrics.attempts.with_label_values(&[channel, "sent"]).inc();
+                metrics
+                    .attempts
+                    .with_label_values(&[channel, provider, "sent"])
+                    .inc();
                 if let Some(n) = receipt.segments {
                     metrics
                         .segments
@@ -624,7 +628,7 @@ async fn send_with_retries(
             Err(error) if error.retryable() && attempt < job.policy.max_attempts => {
                 metrics
                     .attempts
-                    .with_label_values(&[channel, "retry"])
+                    .with_label_values(&[channel, provider, "retry"])
                     .inc();
                 let wait = job.policy.delay(attempt, &error);
                 tracing::warn!(
@@ -639,7 +643,7 @@ async fn send_with_retries(
             Err(error) => {
                 metrics
                     .attempts
-                    .with_label_values(&[channel, "failed"])
+                    .with_label_values(&[channel, provider, "failed"])
                     .inc();
                 tracing::warn!(
                     message_id = %msg.message_id, key = %msg.idempotency_key, channel, attempt,

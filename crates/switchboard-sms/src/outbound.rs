@@ -336,6 +336,14 @@ impl Outbound for SmsOutbound {
         false
     }
 
+    fn provider(&self, account: &str) -> &'static str {
+        match self.cfg.account(account).map(|a| &a.provider) {
+            Some(crate::config::Provider::Twilio(_)) => "twilio",
+            Some(crate::config::Provider::Vonage(_)) => "vonage",
+            None => "sms",
+        }
+    }
+
     fn sender(&self, account: &str) -> Result<Identity, SendError> {
         let a = self.account(account)?;
         Identity::new(IdentityKind::Phone, &a.number)

@@ -463,6 +463,13 @@ impl Outbound for SocialOutbound {
         false
     }
 
+    fn provider(&self, _account: &str) -> &'static str {
+        match self.channel {
+            Channel::Telegram => "telegram",
+            _ => "meta",
+        }
+    }
+
     fn sender(&self, account: &str) -> Result<Identity, SendError> {
         let missing = || {
             SendError::NotConfigured(format!(
