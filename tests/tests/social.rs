@@ -96,6 +96,11 @@ async fn wait_status(api: &Api, identity: &str, message_id: &str, want: &str) ->
         &format!("message {message_id} to show {want}"),
         SETTLE,
         || async {
+            // The customer of a request to a new identity exists only once
+            // the dispatcher has recorded it.
+            if api.customer(identity).await?.is_none() {
+                return Ok(None);
+            }
             let (_, msgs) = timeline(api, identity).await;
             let shown = msgs
                 .iter()
@@ -338,4 +343,81 @@ async fn a_messenger_echo_of_our_reply_does_not_duplicate_it() {
         msgs.iter()
             .all(|m| m["direction"] != "inbound" || m["text"] == "is my order shipped?")
     );
+}
+
+/// Edits, reactions and deletions change the stored message, keeping its
+/// earlier versions, and never add one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whatsapp_edit_reaction_and_revoke_change_the_one_stored_message() {
+    let graph = FakeGraph::start().await;
+    let sms = FakeProvider::start().await;
+    let (_dir, daemon) = start(&graph, &sms).await;
+    let api = daemon.api();
+    let customer = "whatsapp:+16505559876";
+
+    let wa = whatsapp_text(
+        PHONE_NUMBER_ID,
+        OUR_WA,
+        "16505559876",
+        "wamid.E2EORIG",
+        "where is my ordr?",
+    );
+    let (st, body) = post_meta(&api, &wa).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    wait_for("the message", SETTLE, || async {
+        Ok(api.customer(customer).await.ok().flatten().map(|_| ()))
+    })
+    .await;
+
+    // The same webhook shape, each with one change of wamid.E2EORIG.
+    let change = |id: &str, kind: &str, body: Value| {
+        let mut w = wa.clone();
+        let m = &mut w["entry"][0]["changes"][0]["value"]["messages"][0];
+        m["id"] = json!(id);
+        m["type"] = json!(kind);
+        m.as_object_mut().unwrap().remove("text");
+        m[kind] = body;
+        w
+    };
+    let edit = change(
+        "wamid.E2EEDIT",
+        "edit",
+        json!({"original_message_id": "wamid.E2EORIG",
+               "message": {"type": "text", "text": {"body": "where is my order?"}}}),
+    );
+    let reaction = change(
+        "wamid.E2EREACT",
+        "reaction",
+        json!({"message_id": "wamid.E2EORIG", "emoji": "🙏"}),
+    );
+    let revoke = change(
+        "wamid.E2EREVOKE",
+        "revoke",
+        json!({"original_message_id": "wamid.E2EORIG"}),
+    );
+    // The edit twice: a redelivered change is applied once.
+    for w in [&edit, &edit, &reaction] {
+        let (st, body) = post_meta(&api, w).await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+    }
+    let msgs = wait_for("the edit and the reaction", SETTLE, || async {
+        let (_, msgs) = timeline(&api, customer).await;
+        Ok((msgs.len() == 1 && msgs[0]["versions"] == 2).then_some(msgs))
+    })
+    .await;
+    assert_eq!(msgs[0]["text"], "where is my order?", "{msgs:?}");
+    assert_eq!(msgs[0]["reactions"][customer], "🙏", "{msgs:?}");
+    assert!(msgs[0].get("deleted_at").is_none(), "{msgs:?}");
+
+    let (st, body) = post_meta(&api, &revoke).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let msgs = wait_for("the revoke", SETTLE, || async {
+        let (_, msgs) = timeline(&api, customer).await;
+        Ok((msgs[0]["versions"] == 3).then_some(msgs))
+    })
+    .await;
+    assert_eq!(msgs.len(), 1, "still one message: {msgs:?}");
+    assert_eq!(msgs[0]["text"], "", "{msgs:?}");
+    assert!(msgs[0]["deleted_at"].is_string(), "{msgs:?}");
+    assert_eq!(msgs[0]["message_id"], "wamid.E2EORIG");
 }

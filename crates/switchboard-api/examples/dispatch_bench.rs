@@ -1152,6 +1152,9 @@ fn route_customers(
                 }
                 | Routed::Duplicate {
                     conversation_id, ..
+                }
+                | Routed::Changed {
+                    conversation_id, ..
                 } => conversations.push(conversation_id),
             }
         }

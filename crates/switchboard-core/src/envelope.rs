@@ -220,6 +220,62 @@ pub enum AutomatedKind {
     Bounce,
 }
 
+/// A change to a message stored earlier (an edit, a reaction, a deletion):
+/// routing an envelope that carries one changes that message, keeping its
+/// earlier versions, and stores no new message. The new text of an edit is
+/// the envelope's `text`; who reacted is its `from`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MessageChange {
+    /// Which change.
+    pub kind: MessageChangeKind,
+    /// The provider's id of the message changed, as the channel's envelopes
+    /// carry it in `thread_hints.message_id` (or as the provider answered a
+    /// send of ours).
+    pub target: String,
+    /// The reaction, for `reaction`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emoji: Option<String>,
+}
+
+/// The kind of change to a stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageChangeKind {
+    /// The text was edited; the new text is the envelope's.
+    Edit,
+    /// A reaction was set (replacing the sender's earlier one).
+    Reaction,
+    /// The sender's reaction was removed.
+    ReactionRemoved,
+    /// The message was deleted (unsent, revoked).
+    Delete,
+}
+
+impl MessageChangeKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageChangeKind::Edit => "edit",
+            MessageChangeKind::Reaction => "reaction",
+            MessageChangeKind::ReactionRemoved => "reaction_removed",
+            MessageChangeKind::Delete => "delete",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            MessageChangeKind::Edit,
+            MessageChangeKind::Reaction,
+            MessageChangeKind::ReactionRemoved,
+            MessageChangeKind::Delete,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
 fn new_id() -> Uuid {
     Uuid::now_v7()
 }
@@ -283,6 +339,10 @@ pub struct Envelope {
     /// automatically.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub automated: Option<Automated>,
+    /// Set when the envelope changes a stored message (edit, reaction,
+    /// deletion) instead of being a message of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<MessageChange>,
 }
 
 impl Envelope {

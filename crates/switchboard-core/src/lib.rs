@@ -20,8 +20,8 @@ pub mod secret;
 
 pub use bus::{Bus, BusError, Consumer, Groups, Record, Topics};
 pub use envelope::{
-    Attachment, Automated, AutomatedKind, Channel, Direction, Envelope, ProviderRaw, ThreadHints,
-    Trace,
+    Attachment, Automated, AutomatedKind, Channel, Direction, Envelope, MessageChange,
+    MessageChangeKind, ProviderRaw, ThreadHints, Trace,
 };
 pub use identity::{Identity, IdentityError, IdentityKind};
 pub use intake::{Intake, IntakeError, Received};

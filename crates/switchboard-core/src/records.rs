@@ -219,6 +219,40 @@ pub enum EventKind {
         /// Its channel.
         channel: Channel,
     },
+    /// A stored message's text was edited; the earlier text is kept as a
+    /// version.
+    #[serde(rename = "message.edited")]
+    MessageEdited {
+        /// The message.
+        message_id: Uuid,
+        /// Its conversation.
+        conversation_id: Uuid,
+        /// The change.
+        change: crate::MessageChange,
+    },
+    /// A reaction to a stored message was set or removed.
+    #[serde(rename = "message.reacted")]
+    MessageReacted {
+        /// The message.
+        message_id: Uuid,
+        /// Its conversation.
+        conversation_id: Uuid,
+        /// Who reacted.
+        by: Identity,
+        /// The change.
+        change: crate::MessageChange,
+    },
+    /// A stored message was deleted by its sender; its text is kept as a
+    /// version.
+    #[serde(rename = "message.deleted")]
+    MessageDeleted {
+        /// The message.
+        message_id: Uuid,
+        /// Its conversation.
+        conversation_id: Uuid,
+        /// The change.
+        change: crate::MessageChange,
+    },
     /// A conversation was opened.
     #[serde(rename = "conversation.opened")]
     ConversationOpened {
@@ -282,6 +316,9 @@ impl EventKind {
         match self {
             EventKind::MessageReceived { .. } => "message.received",
             EventKind::MessageSent { .. } => "message.sent",
+            EventKind::MessageEdited { .. } => "message.edited",
+            EventKind::MessageReacted { .. } => "message.reacted",
+            EventKind::MessageDeleted { .. } => "message.deleted",
             EventKind::ConversationOpened { .. } => "conversation.opened",
             EventKind::ConversationReopened { .. } => "conversation.reopened",
             EventKind::ConversationResolved { .. } => "conversation.resolved",

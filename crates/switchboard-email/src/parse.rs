@@ -336,6 +336,7 @@ fn base_envelope(
             correlation_id: None,
         },
         automated: None,
+        change: None,
     }
 }
 

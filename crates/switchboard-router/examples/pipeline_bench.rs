@@ -382,6 +382,7 @@ fn envelope(p: &Planned, i: usize, now: DateTime<Utc>) -> Envelope {
             correlation_id: None,
         },
         automated: None,
+        change: None,
     }
 }
 

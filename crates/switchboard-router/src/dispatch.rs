@@ -107,12 +107,12 @@ pub trait ChannelRule: Send + Sync + 'static {
     fn check(&self, ctx: &RuleContext<'_>) -> Result<(), String>;
 }
 
-/// WhatsApp's and Messenger's customer-service window: free-form replies
-/// only within `window` of the customer's last message; outside it, a
-/// template.
+/// The customer-service window of WhatsApp, Messenger and Instagram:
+/// free-form replies only within `window` of the customer's last message;
+/// outside it, a template (or, on Messenger and Instagram, a message tag).
 #[derive(Debug, Clone, Copy)]
 pub struct CustomerServiceWindow {
-    /// The window (24 h on WhatsApp and Messenger).
+    /// The window (24 h on WhatsApp, Messenger and Instagram).
     pub window: Duration,
 }
 
@@ -165,7 +165,8 @@ impl Default for DispatchSettings {
             retry: HashMap::new(),
             rules: HashMap::from([
                 (Channel::Whatsapp, vec![Arc::clone(&window)]),
-                (Channel::Messenger, vec![window]),
+                (Channel::Messenger, vec![Arc::clone(&window)]),
+                (Channel::Instagram, vec![window]),
             ]),
             batch: 64,
             concurrency: 32,
@@ -963,6 +964,7 @@ impl PrepareCtx {
             provider_raw: None,
             trace: Trace::default(),
             automated: None,
+            change: None,
         };
         let status = if problem.is_some() {
             "failed"
@@ -1225,5 +1227,53 @@ mod thread_tests {
         let t = thread_refs(vec![(Direction::Outbound, "r1@us".into())], None);
         assert_eq!(t.in_reply_to.as_deref(), Some("r1@us"));
         assert_eq!(thread_refs(vec![], None), ThreadRefs::default());
+    }
+
+    /// Every Meta channel gets the 24 h window by default; the others none.
+    #[test]
+    fn meta_channels_have_the_customer_service_window_by_default() {
+        let settings = DispatchSettings::default();
+        let request: OutboundRequest = serde_json::from_value(serde_json::json!({
+            "schema": "switchboard.outbound.v1",
+            "idempotency_key": "k",
+            "text": "hello"
+        }))
+        .unwrap();
+        let now = Utc::now();
+        for channel in Channel::ALL {
+            let rules = settings
+                .rules
+                .get(&channel)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let meta = matches!(
+                channel,
+                Channel::Whatsapp | Channel::Messenger | Channel::Instagram
+            );
+            assert_eq!(rules.len(), usize::from(meta), "{channel}");
+            for rule in rules {
+                let check = |last: Option<DateTime<Utc>>, request: &OutboundRequest| {
+                    rule.check(&RuleContext {
+                        request,
+                        channel,
+                        last_inbound_at: last,
+                        now,
+                    })
+                };
+                let inside = Some(now - chrono::Duration::hours(23));
+                let outside = Some(now - chrono::Duration::hours(25));
+                assert_eq!(check(inside, &request), Ok(()), "{channel}");
+                let reason = check(outside, &request).unwrap_err();
+                assert!(reason.contains("24 h customer-service window"), "{reason}");
+                assert!(reason.contains(channel.as_str()), "{reason}");
+                assert!(check(None, &request).is_err(), "{channel}: never wrote");
+                let mut templated = request.clone();
+                templated.template = Some(
+                    serde_json::from_value(serde_json::json!({"name": "t", "language": "en"}))
+                        .unwrap(),
+                );
+                assert_eq!(check(outside, &templated), Ok(()), "{channel}: template");
+            }
+        }
     }
 }

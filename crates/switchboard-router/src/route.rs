@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use switchboard_core::records::EventSchema;
 use switchboard_core::{
-    Command, CommandKind, Direction, Envelope, Event, EventKind, Identity, IdentityKind, Retryable,
-    ThreadRule,
+    Command, CommandKind, Direction, Envelope, Event, EventKind, Identity, IdentityKind,
+    MessageChange, MessageChangeKind, Retryable, ThreadRule,
 };
 use switchboard_store::{
-    Conversation, ConversationStatus, Millis, NewMessage, StoreError, Tx, millis, subject_key,
+    Conversation, ConversationStatus, Millis, NewMessage, NewVersion, StoreError, Tx, millis,
+    subject_key,
 };
 use uuid::Uuid;
 
@@ -76,8 +77,22 @@ pub enum Routed {
         /// Events written to the outbox.
         events: Vec<Event>,
     },
-    /// A message with the same idempotency key was stored before; nothing
-    /// changed.
+    /// The envelope changed a stored message (edit, reaction, deletion),
+    /// recorded as the message's next version.
+    Changed {
+        /// The message changed.
+        message_id: Uuid,
+        /// Its conversation.
+        conversation_id: Uuid,
+        /// The version recorded (1 for the first change).
+        version: i64,
+        /// The message's channel.
+        channel: switchboard_core::Channel,
+        /// Events written to the outbox.
+        events: Vec<Event>,
+    },
+    /// A message (or a change) with the same idempotency key was stored
+    /// before; nothing changed.
     Duplicate {
         /// The stored message's id.
         message_id: Uuid,
@@ -317,6 +332,9 @@ impl Router {
 
     /// Routes one envelope. Idempotent on its key.
     pub fn route(&self, tx: &mut dyn Tx, env: &Envelope) -> Result<Routed, RouteError> {
+        if let Some(change) = &env.change {
+            return self.route_change(tx, env, change);
+        }
         if let Some(found) = tx.message_by_key(&env.idempotency_key)? {
             return Ok(Routed::Duplicate {
                 message_id: found.id,
@@ -406,10 +424,102 @@ impl Router {
         })
     }
 
+    /// Applies a change to the stored message it names: records the next
+    /// version (keeping the text it replaces), updates the message and
+    /// writes `message.edited`, `message.reacted` or `message.deleted`.
+    /// Stores no message. Idempotent on the envelope's key.
+    ///
+    /// A change whose message is not stored is refused, so it is
+    /// dead-lettered with the reason, rather than kept pending until the
+    /// message arrives: a platform reports a change only of a message it
+    /// delivered earlier, and the change is routed in the same customer
+    /// partition after it (the customer made both, or reacted to our
+    /// reply), so a missing target means a message this instance never
+    /// received (sent before the channel was connected, or refused), which
+    /// pending would wait for forever. The dead letter keeps the change for
+    /// a replay.
+    fn route_change(
+        &self,
+        tx: &mut dyn Tx,
+        env: &Envelope,
+        change: &MessageChange,
+    ) -> Result<Routed, RouteError> {
+        let Some(target) = tx.message_by_provider_id(env.channel, &env.account, &change.target)?
+        else {
+            return Err(RouteError::Rejected(format!(
+                "change for unknown message {} on {} account {}",
+                change.target, env.channel, env.account
+            )));
+        };
+        let at = millis(env.sent_at.unwrap_or(env.received_at));
+        let envelope =
+            serde_json::to_string(env).map_err(|e| RouteError::Rejected(e.to_string()))?;
+        let version = tx.apply_change(&NewVersion {
+            message_id: target.id,
+            idempotency_key: &env.idempotency_key,
+            kind: change.kind,
+            by: &env.from,
+            text: (change.kind == MessageChangeKind::Edit).then_some(env.text.as_str()),
+            emoji: change.emoji.as_deref(),
+            at,
+            envelope: &envelope,
+        })?;
+        let Some(version) = version else {
+            return Ok(Routed::Duplicate {
+                message_id: target.id,
+                conversation_id: target.conversation_id,
+            });
+        };
+        let (message_id, conversation_id) = (target.id, target.conversation_id);
+        let kind = match change.kind {
+            MessageChangeKind::Edit => EventKind::MessageEdited {
+                message_id,
+                conversation_id,
+                change: change.clone(),
+            },
+            MessageChangeKind::Reaction | MessageChangeKind::ReactionRemoved => {
+                EventKind::MessageReacted {
+                    message_id,
+                    conversation_id,
+                    by: env.from.clone(),
+                    change: change.clone(),
+                }
+            }
+            MessageChangeKind::Delete => EventKind::MessageDeleted {
+                message_id,
+                conversation_id,
+                change: change.clone(),
+            },
+        };
+        let mut events = Events {
+            topic: &self.events_topic,
+            out: Vec::new(),
+        };
+        events.emit(tx, target.customer_id, at, kind)?;
+        tracing::debug!(
+            %message_id, key = %env.idempotency_key, kind = change.kind.as_str(), version,
+            "message changed"
+        );
+        Ok(Routed::Changed {
+            message_id,
+            conversation_id,
+            version,
+            channel: env.channel,
+            events: events.out,
+        })
+    }
+
     /// Identity resolution alone (the first stage when work is re-keyed by
     /// customer): the customer the envelope belongs to, created if new.
-    /// Idempotent: a stored message answers with its customer.
+    /// Idempotent: a stored message answers with its customer; a change
+    /// answers with its message's customer, so it is routed after it.
     pub fn resolve(&self, tx: &mut dyn Tx, env: &Envelope) -> Result<Uuid, RouteError> {
+        if let Some(change) = &env.change
+            && let Some(target) =
+                tx.message_by_provider_id(env.channel, &env.account, &change.target)?
+        {
+            return Ok(target.customer_id);
+        }
         if let Some(found) = tx.message_by_key(&env.idempotency_key)? {
             return Ok(found.customer_id);
         }

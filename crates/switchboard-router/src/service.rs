@@ -47,6 +47,7 @@ pub struct RouterMetrics {
     errors: IntCounterVec,
     dead_letters: IntCounterVec,
     commands: IntCounterVec,
+    changed: IntCounterVec,
 }
 
 impl RouterMetrics {
@@ -91,6 +92,13 @@ impl RouterMetrics {
                 ),
                 &["type"],
             )?,
+            changed: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_messages_changed_total",
+                    "edits, reactions and deletions applied to stored messages, by channel",
+                ),
+                &["channel"],
+            )?,
         };
         registry.register(Box::new(m.routed.clone()))?;
         registry.register(Box::new(m.duplicates.clone()))?;
@@ -98,6 +106,7 @@ impl RouterMetrics {
         registry.register(Box::new(m.errors.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.commands.clone()))?;
+        registry.register(Box::new(m.changed.clone()))?;
         Ok(m)
     }
 
@@ -317,6 +326,12 @@ impl Pipeline {
                         .inc();
                     let ms = (now_ms - record.timestamp_ms).max(0);
                     self.metrics.latency.observe(ms as f64 / 1000.0);
+                }
+                Outcome::Routed(Routed::Changed { channel, .. }) => {
+                    self.metrics
+                        .changed
+                        .with_label_values(&[channel.as_str()])
+                        .inc();
                 }
                 Outcome::Routed(Routed::Duplicate { .. }) => self.metrics.duplicates.inc(),
                 Outcome::Applied(name) => {

@@ -201,6 +201,9 @@ mod tests {
             rule: ThreadRule::New,
             status: status.map(str::to_owned),
             message_id: None,
+            versions: 0,
+            reactions: Default::default(),
+            deleted_at: None,
         }
     }
 

@@ -188,6 +188,7 @@ impl Harness {
             provider_raw: None,
             trace: Trace::default(),
             automated: None,
+            change: None,
         }
     }
 
@@ -711,4 +712,241 @@ fn commands_apply_once_and_reject_the_impossible_on(mut h: Harness) {
     let mut tx = h.store.begin().unwrap();
     let err = h.router.apply(&mut *tx, &bad).unwrap_err();
     assert!(err.to_string().starts_with("unknown conversation"), "{err}");
+}
+
+/// What routing a change should do.
+#[derive(Debug)]
+enum ChangeOutcome {
+    /// Recorded as this version.
+    Version(i64),
+    /// Seen before: nothing changes.
+    Duplicate,
+    /// Refused with a reason containing this.
+    Refused(&'static str),
+}
+
+/// A change in a table case: key, target, kind, new text, emoji, who.
+type ChangeRow = (
+    &'static str,
+    &'static str,
+    switchboard_core::MessageChangeKind,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+);
+
+#[test]
+fn changes_table() {
+    changes_table_on(Backend::Sqlite);
+}
+
+#[test]
+fn changes_table_postgres() {
+    changes_table_on(Backend::Postgres);
+}
+
+/// Edits, reactions and deletions change the stored message (keeping its
+/// earlier versions) and never add one.
+fn changes_table_on(backend: Backend) {
+    use ChangeOutcome::*;
+    use switchboard_core::MessageChangeKind::{Delete, Edit, Reaction, ReactionRemoved};
+    const OTHER: &str = "whatsapp:+14155550199";
+    // (case, changes and what each does, final text, versions, reactions,
+    // deleted)
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(
+        &str,
+        Vec<(ChangeRow, ChangeOutcome)>,
+        &str,
+        i64,
+        Vec<(&str, &str)>,
+        bool,
+    )> = vec![
+        (
+            "an edit replaces the text and keeps the old one",
+            vec![(
+                ("e1", "wamid.A", Edit, "hello, fixed", None, ADA_WA),
+                Version(1),
+            )],
+            "hello, fixed",
+            1,
+            vec![],
+            false,
+        ),
+        (
+            "a redelivered edit is applied once",
+            vec![
+                (("e1", "wamid.A", Edit, "second", None, ADA_WA), Version(1)),
+                (("e1", "wamid.A", Edit, "second", None, ADA_WA), Duplicate),
+                (("e2", "wamid.A", Edit, "third", None, ADA_WA), Version(2)),
+            ],
+            "third",
+            2,
+            vec![],
+            false,
+        ),
+        (
+            "reactions are kept per person; a new one replaces, removal clears",
+            vec![
+                (
+                    ("r1", "wamid.A", Reaction, "", Some("👍"), ADA_WA),
+                    Version(1),
+                ),
+                (
+                    ("r2", "wamid.A", Reaction, "", Some("❤️"), ADA_WA),
+                    Version(2),
+                ),
+                (
+                    ("r3", "wamid.A", Reaction, "", Some("😮"), OTHER),
+                    Version(3),
+                ),
+                (
+                    ("r4", "wamid.A", ReactionRemoved, "", None, OTHER),
+                    Version(4),
+                ),
+            ],
+            "message a",
+            4,
+            vec![(ADA_WA, "❤️")],
+            false,
+        ),
+        (
+            "a deletion empties the text, which the versions keep",
+            vec![
+                (("e1", "wamid.A", Edit, "edited", None, ADA_WA), Version(1)),
+                (("d1", "wamid.A", Delete, "", None, ADA_WA), Version(2)),
+            ],
+            "",
+            2,
+            vec![],
+            true,
+        ),
+        (
+            "a reaction to our own message finds it by the provider's answer",
+            vec![(
+                ("r1", "wamid.OURS", Reaction, "", Some("🙏"), ADA_WA),
+                Version(1),
+            )],
+            "message a",
+            0,
+            vec![],
+            false,
+        ),
+        (
+            "a change of an unknown message is refused",
+            vec![(
+                ("e1", "wamid.NOPE", Edit, "x", None, ADA_WA),
+                Refused("change for unknown message wamid.NOPE"),
+            )],
+            "message a",
+            0,
+            vec![],
+            false,
+        ),
+    ];
+    for (case, changes, text, versions, reactions, deleted) in cases {
+        let Some(mut h) = Harness::on(backend, "changes_table") else {
+            return;
+        };
+        let a = m("a", Channel::Whatsapp, ADA_WA, 0.0).mid("wamid.A");
+        let mut env = h.envelope(&a);
+        env.account = SMS_NUMBER.into();
+        h.deliver("a", &env);
+        h.sent.insert("a", env.clone());
+        // One of ours, which the provider answered with wamid.OURS.
+        let ours = m("ours", Channel::Whatsapp, ADA_WA, 0.5).outbound();
+        let ours_env = h.envelope(&ours);
+        h.deliver("ours", &ours_env);
+        let mut tx = h.store.begin().unwrap();
+        let rec = switchboard_store::OutboundRecord {
+            idempotency_key: "req-1".into(),
+            message_id: ours_env.id,
+            conversation_id: h.routed["ours"].0,
+            customer_id: h.routed["ours"].1,
+            channel: Channel::Whatsapp,
+            account: SMS_NUMBER.into(),
+            to: Identity::parse(ADA_WA).unwrap(),
+            state: switchboard_store::OutboundState::Sent,
+            attempts: 1,
+            provider_message_id: Some("wamid.OURS".into()),
+            error: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        tx.put_outbound(&rec, "{}").unwrap();
+        tx.commit().unwrap();
+
+        for (i, ((key, target, kind, new_text, emoji, by), want)) in changes.iter().enumerate() {
+            let mut c = env.clone();
+            c.id = Uuid::now_v7();
+            c.idempotency_key = format!("whatsapp:{SMS_NUMBER}:{key}");
+            c.from = Identity::parse(by).unwrap();
+            c.text = (*new_text).to_owned();
+            c.received_at = h.at(1.0 + i as f64);
+            c.thread_hints = ThreadHints::default();
+            c.change = Some(switchboard_core::MessageChange {
+                kind: *kind,
+                target: (*target).to_owned(),
+                emoji: emoji.map(str::to_owned),
+            });
+            let mut tx = h.store.begin().unwrap();
+            let got = h.router.route(&mut *tx, &c);
+            match (want, &got) {
+                (
+                    Version(v),
+                    Ok(Routed::Changed {
+                        version, events, ..
+                    }),
+                ) => {
+                    assert_eq!(version, v, "{case}: change {i}");
+                    let name = events[0].kind.type_name();
+                    let expected = match kind {
+                        Edit => "message.edited",
+                        Reaction | ReactionRemoved => "message.reacted",
+                        Delete => "message.deleted",
+                    };
+                    assert_eq!(name, expected, "{case}: change {i}");
+                }
+                (Duplicate, Ok(Routed::Duplicate { .. })) => {}
+                (Refused(why), Err(e)) => assert!(e.to_string().contains(why), "{case}: {e}"),
+                _ => panic!("{case}: change {i}: wanted {want:?}, got {got:?}"),
+            }
+            tx.commit().unwrap();
+        }
+
+        let conv = h.conv("a");
+        let (_, msgs) = h.store.conversation(conv).unwrap().unwrap();
+        assert_eq!(msgs.len(), 2, "{case}: no message added");
+        let target = if changes[0].0.1 == "wamid.OURS" {
+            msgs.iter().find(|m| m.id == ours_env.id).unwrap()
+        } else {
+            msgs.iter().find(|m| m.id == env.id).unwrap()
+        };
+        let (text, versions) = if changes[0].0.1 == "wamid.OURS" {
+            ("message ours", 1)
+        } else {
+            (text, versions)
+        };
+        assert_eq!(target.text, text, "{case}: text");
+        assert_eq!(target.versions, versions, "{case}: versions");
+        let want: std::collections::BTreeMap<String, String> = reactions
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        if changes[0].0.1 != "wamid.OURS" {
+            assert_eq!(target.reactions, want, "{case}: reactions");
+        }
+        assert_eq!(target.deleted_at.is_some(), deleted, "{case}: deleted");
+        // Every earlier text is kept, in order.
+        let kept = h.store.message_versions(target.id).unwrap();
+        assert_eq!(kept.len() as i64, versions, "{case}: versions kept");
+        if let Some(first) = kept.first()
+            && changes[0].0.2 == Edit
+        {
+            assert_eq!(first.previous_text, "message a", "{case}: original kept");
+        }
+        if deleted {
+            assert_eq!(kept.last().unwrap().previous_text, "edited", "{case}");
+        }
+    }
 }

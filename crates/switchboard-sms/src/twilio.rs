@@ -226,6 +226,7 @@ pub fn parse_message(
             correlation_id: None,
         },
         automated: None,
+        change: None,
     })
 }
 

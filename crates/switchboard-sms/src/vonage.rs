@@ -190,6 +190,7 @@ fn envelope(
             correlation_id: None,
         },
         automated: None,
+        change: None,
     })
 }
 

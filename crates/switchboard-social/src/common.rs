@@ -3,10 +3,11 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use switchboard_core::envelope::EnvelopeSchema;
 use switchboard_core::records::CommandSchema;
 use switchboard_core::{
-    Channel, Command, CommandKind, DeliveryError, DeliveryState, Envelope, Identity, IdentityKind,
-    ProviderRaw,
+    Channel, Command, CommandKind, DeliveryError, DeliveryState, Direction, Envelope, Identity,
+    IdentityKind, MessageChange, MessageChangeKind, ProviderRaw, ThreadHints, Trace,
 };
 use uuid::Uuid;
 
@@ -97,6 +98,63 @@ pub struct Change {
     /// The reaction, for a reaction; empty when it was removed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub emoji: Option<String>,
+}
+
+impl Change {
+    /// The envelope that carries the change to the router: it changes the
+    /// stored message `target` names (keeping its earlier versions) and adds
+    /// none. The new text of an edit is its `text`; who changed it, `from`.
+    pub fn into_envelope(
+        self,
+        id: Uuid,
+        received_at: DateTime<Utc>,
+        request_id: Option<String>,
+    ) -> Envelope {
+        let kind = match self.kind {
+            ChangeKind::Edit => MessageChangeKind::Edit,
+            ChangeKind::Reaction if self.emoji.as_deref().unwrap_or("").is_empty() => {
+                MessageChangeKind::ReactionRemoved
+            }
+            ChangeKind::Reaction => MessageChangeKind::Reaction,
+            ChangeKind::Delete => MessageChangeKind::Delete,
+        };
+        Envelope {
+            schema: EnvelopeSchema::V1,
+            id,
+            idempotency_key: self.idempotency_key,
+            channel: self.channel,
+            provider: if self.channel == Channel::Telegram {
+                "telegram"
+            } else {
+                "meta"
+            }
+            .into(),
+            to: Identity {
+                kind: IdentityKind::External,
+                value: format!("{}:{}", self.channel, self.account),
+            },
+            account: self.account,
+            direction: Direction::Inbound,
+            from: self.by,
+            sent_at: Some(self.at),
+            received_at,
+            subject: None,
+            text: self.text.unwrap_or_default(),
+            attachments: Vec::new(),
+            thread_hints: ThreadHints::default(),
+            provider_raw: None,
+            trace: Trace {
+                request_id,
+                correlation_id: None,
+            },
+            automated: None,
+            change: Some(MessageChange {
+                kind,
+                target: self.target,
+                emoji: self.emoji.filter(|e| !e.is_empty()),
+            }),
+        }
+    }
 }
 
 /// A delivery status a platform reported, before it is matched to

@@ -36,8 +36,9 @@
 //! dispatcher keyed the stored message, so they are never a second message;
 //! echoes of messages sent elsewhere (a person in the Page inbox) are
 //! recorded once as outbound. Edits, reactions and deletions are parsed
-//! ([`common::Change`]) and acknowledged, but not yet applied to the stored
-//! message.
+//! ([`common::Change`]) and handed over as envelopes carrying
+//! `change` (naming the provider id of the message changed): the router
+//! changes that stored message, keeping its earlier versions, and adds none.
 //!
 //! Outbound, [`SocialOutbound`] makes one API call per send and classifies
 //! the answer: Meta throttling (HTTP 429, codes 4, 17, 32, 613, 80007,

@@ -313,6 +313,7 @@ pub fn parse_item(
             correlation_id: None,
         },
         automated: None,
+        change: None,
     };
     *next += 1;
     Ok(Parsed::Message {

@@ -179,6 +179,7 @@ pub fn parse_update(
                 correlation_id: None,
             },
             automated: None,
+            change: None,
         };
         let _ = at;
         *next += 1;
@@ -343,6 +344,7 @@ fn parse_message(
             correlation_id: None,
         },
         automated: None,
+        change: None,
     };
     *next += 1;
     Ok(Parsed::Message {

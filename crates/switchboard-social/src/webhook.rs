@@ -234,16 +234,17 @@ pub(crate) async fn settle(
                 }
             }
             Parsed::Change { change } => {
-                ignored += 1;
                 social
                     .metrics
                     .changes
                     .with_label_values(&[change.channel.as_str()])
                     .inc();
-                tracing::info!(
+                tracing::debug!(
                     channel = %change.channel, kind = ?change.kind, target = %change.target,
-                    "message change received; changes to stored messages are not applied yet"
+                    "message change received"
                 );
+                let env = change.into_envelope(uuid::Uuid::now_v7(), chrono::Utc::now(), None);
+                records.push(Received::Message(Box::new(env)));
             }
             Parsed::Migrated {
                 account,

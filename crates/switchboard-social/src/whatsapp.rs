@@ -278,6 +278,7 @@ fn parse_message(
             correlation_id: None,
         },
         automated: None,
+        change: None,
     };
     *next += 1;
     Ok(Parsed::Message {

@@ -448,9 +448,34 @@ async fn a_whatsapp_batch_is_one_accept_with_media_downloaded_and_statuses_as_co
     let body = fixture("meta_whatsapp_every_type.json");
     let (st, text) = post_meta(&s, &body, &[("x-hub-signature-256", sign(&body))]).await;
     assert_eq!(st, 200, "{text}");
-    let envs = s.intake.envelopes();
-    // 12 messages (reactions, edits, revokes and the unsupported one are not
-    // messages), each its own envelope with its own key.
+    let all = s.intake.envelopes();
+    // Reactions, edits and revokes are envelopes carrying the change of an
+    // earlier message, not messages of their own.
+    let (changes, envs): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e.change.is_some());
+    let kinds: Vec<_> = changes
+        .iter()
+        .map(|e| {
+            let c = e.change.as_ref().unwrap();
+            (
+                c.kind.as_str(),
+                c.target.as_str(),
+                c.emoji.as_deref(),
+                e.text.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(changes.len(), 4, "{kinds:?}");
+    assert!(
+        kinds
+            .iter()
+            .all(|(_, target, _, _)| target.starts_with("wamid.")),
+        "{kinds:?}"
+    );
+    for kind in ["reaction", "edit", "delete"] {
+        assert!(kinds.iter().any(|k| k.0 == kind), "{kind}: {kinds:?}");
+    }
+    // 12 messages (the unsupported one is not a message), each its own
+    // envelope with its own key.
     assert_eq!(envs.len(), 12);
     let mut keys: Vec<_> = envs.iter().map(|e| e.idempotency_key.clone()).collect();
     keys.dedup();

@@ -21,8 +21,9 @@ use switchboard_core::{Channel, Direction, Identity, Retryable};
 use uuid::Uuid;
 
 pub use model::{
-    Conversation, ConversationStatus, Cursor, Customer, Erased, LastInbound, MessageRef, Millis,
-    NewMessage, OutboundRecord, OutboundState, StoredMessage, Timeline, from_millis, millis,
+    Conversation, ConversationStatus, Cursor, Customer, Erased, LastInbound, MessageRef,
+    MessageVersion, Millis, NewMessage, NewVersion, OutboundRecord, OutboundState, StoredMessage,
+    Timeline, from_millis, millis,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::{DEFAULT_OUTBOX_LEASE, PgStore, PgTestSchema, TEST_DATABASE_ENV};
@@ -120,6 +121,14 @@ pub trait Store: Send + Sync + 'static {
     fn is_empty(&self) -> Result<bool, StoreError> {
         Err(StoreError::Rejected(
             "this store cannot tell whether it is empty".into(),
+        ))
+    }
+
+    /// The recorded changes of a message, oldest first.
+    fn message_versions(&self, message_id: Uuid) -> Result<Vec<MessageVersion>, StoreError> {
+        let _ = message_id;
+        Err(StoreError::Rejected(
+            "this store keeps no message versions".into(),
         ))
     }
 
@@ -284,6 +293,32 @@ pub trait Tx {
     ) -> Result<(Option<Uuid>, Option<Millis>), StoreError> {
         let _ = conversation;
         Ok((None, None))
+    }
+    /// The stored message a provider id names on one channel account: a
+    /// message whose own id (`thread_hints.message_id`) it is, or one of
+    /// ours the provider answered with it.
+    fn message_by_provider_id(
+        &mut self,
+        channel: Channel,
+        account: &str,
+        provider_id: &str,
+    ) -> Result<Option<MessageRef>, StoreError> {
+        let _ = (channel, account, provider_id);
+        Err(StoreError::Rejected(
+            "this store keeps no message versions".into(),
+        ))
+    }
+    /// Records a change of a stored message as its next version and applies
+    /// it: an edit replaces the text, a reaction sets (or removes) the
+    /// sender's reaction, a deletion empties the text and marks the message
+    /// deleted; the text replaced is kept in the version. Returns the
+    /// version, or `None` when a change with this idempotency key was
+    /// recorded already (nothing changes).
+    fn apply_change(&mut self, v: &NewVersion<'_>) -> Result<Option<i64>, StoreError> {
+        let _ = v;
+        Err(StoreError::Rejected(
+            "this store keeps no message versions".into(),
+        ))
     }
     /// Commits, durably.
     fn commit(self: Box<Self>) -> Result<(), StoreError>;

@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use switchboard_core::{Channel, Direction, Identity, ThreadRule};
+use std::collections::BTreeMap;
+
+use switchboard_core::{Channel, Direction, Identity, MessageChangeKind, ThreadRule};
 use uuid::Uuid;
 
 /// Milliseconds since the Unix epoch: how the store keeps time.
@@ -126,6 +128,96 @@ pub struct StoredMessage {
     pub status: Option<String>,
     /// The message's own id (email Message-ID).
     pub message_id: Option<String>,
+    /// How many changes (edits, reactions, deletion) it had; each is kept
+    /// as a version with the text it replaced.
+    pub versions: i64,
+    /// The current reactions: who (`kind:value`) reacted with what.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub reactions: BTreeMap<String, String>,
+    /// When its sender deleted it (its text is then empty; the versions
+    /// keep it).
+    #[serde(
+        serialize_with = "ser_opt_millis",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub deleted_at: Option<Millis>,
+}
+
+/// A change to record against a stored message.
+#[derive(Debug, Clone)]
+pub struct NewVersion<'a> {
+    /// The message changed.
+    pub message_id: Uuid,
+    /// The change envelope's idempotency key: a change is applied once.
+    pub idempotency_key: &'a str,
+    /// Which change.
+    pub kind: MessageChangeKind,
+    /// Who made it.
+    pub by: &'a Identity,
+    /// The new text, for an edit.
+    pub text: Option<&'a str>,
+    /// The reaction, for a reaction.
+    pub emoji: Option<&'a str>,
+    /// When.
+    pub at: Millis,
+    /// The change envelope, JSON.
+    pub envelope: &'a str,
+}
+
+/// One recorded change of a stored message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MessageVersion {
+    /// 1 for the first change, counting up.
+    pub version: i64,
+    /// Which change.
+    pub kind: MessageChangeKind,
+    /// Who made it.
+    pub by: Identity,
+    /// The text the message had before the change.
+    pub previous_text: String,
+    /// The new text, for an edit.
+    pub text: Option<String>,
+    /// The reaction, for a reaction.
+    pub emoji: Option<String>,
+    /// When.
+    #[serde(serialize_with = "ser_millis")]
+    pub at: Millis,
+}
+
+/// A message's state after a change: its text, reactions (JSON) and
+/// whether it is deleted. Shared by the backends so both apply a change
+/// alike.
+pub(crate) fn apply_version(
+    text: &str,
+    reactions: Option<&str>,
+    v: &NewVersion<'_>,
+) -> (String, Option<String>, bool) {
+    let mut map: BTreeMap<String, String> = reactions
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or_default();
+    let mut text = text.to_owned();
+    let mut deleted = false;
+    match v.kind {
+        MessageChangeKind::Edit => text = v.text.unwrap_or_default().to_owned(),
+        MessageChangeKind::Reaction => {
+            map.insert(v.by.to_string(), v.emoji.unwrap_or_default().to_owned());
+        }
+        MessageChangeKind::ReactionRemoved => {
+            map.remove(&v.by.to_string());
+        }
+        MessageChangeKind::Delete => {
+            text.clear();
+            deleted = true;
+        }
+    }
+    let reactions = (!map.is_empty()).then(|| serde_json::to_string(&map).unwrap_or_default());
+    (text, reactions, deleted)
+}
+
+/// Reactions as stored (JSON), read back.
+pub(crate) fn parse_reactions(json: Option<&str>) -> BTreeMap<String, String> {
+    json.and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or_default()
 }
 
 /// Where a message id was found: the message's conversation.

@@ -44,8 +44,9 @@ use switchboard_core::{Channel, Direction, Identity, IdentityKind, ThreadRule};
 use uuid::Uuid;
 
 use crate::model::{
-    Conversation, ConversationStatus, Cursor, Customer, Erased, LastInbound, MessageRef, Millis,
-    NewMessage, OutboundRecord, OutboundState, StoredMessage, Timeline,
+    Conversation, ConversationStatus, Cursor, Customer, Erased, LastInbound, MessageRef,
+    MessageVersion, Millis, NewMessage, NewVersion, OutboundRecord, OutboundState, StoredMessage,
+    Timeline,
 };
 use crate::{OutboxRecord, Store, StoreError, Tx};
 
@@ -211,6 +212,32 @@ CREATE TABLE mailbox_checkpoints (
     updated_at  bigint NOT NULL,
     PRIMARY KEY (account, mailbox)
 );
+"#,
+    r#"
+-- Changes to stored messages (edits, reactions, deletions): each is a
+-- version keeping the text it replaced, applied once per idempotency key.
+ALTER TABLE messages ADD COLUMN versions bigint NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN reactions text;
+ALTER TABLE messages ADD COLUMN deleted_at bigint;
+CREATE TABLE message_versions (
+    message_id      uuid NOT NULL,
+    version         bigint NOT NULL,
+    idempotency_key text COLLATE "C" NOT NULL UNIQUE,
+    kind            text NOT NULL,
+    by_kind         text NOT NULL,
+    by_value        text NOT NULL,
+    previous_text   text NOT NULL,
+    text            text,
+    emoji           text,
+    at              bigint NOT NULL,
+    envelope        text NOT NULL,
+    PRIMARY KEY (message_id, version)
+);
+-- A change names its message by the provider's id: the message's own id,
+-- or the id the provider gave one of our sends.
+CREATE INDEX messages_provider_id ON messages (header_id) WHERE header_id IS NOT NULL;
+CREATE INDEX outbound_provider_id ON outbound (provider_message_id)
+    WHERE provider_message_id IS NOT NULL;
 "#,
 ];
 
@@ -656,7 +683,7 @@ fn outbound_row(row: &Row) -> Result<OutboundRecord, StoreError> {
 
 const MESSAGE_COLS: &str = "id, seq, idempotency_key, customer_id, conversation_id, direction, \
     channel, account, from_kind, from_value, to_kind, to_value, received_at, subject, text, rule, \
-    status, header_id";
+    status, header_id, versions, reactions, deleted_at";
 
 fn message_row(row: &Row) -> Result<StoredMessage, StoreError> {
     Ok(StoredMessage {
@@ -680,6 +707,9 @@ fn message_row(row: &Row) -> Result<StoredMessage, StoreError> {
         rule: parse_col(row, 15, ThreadRule::parse)?,
         status: col(row, 16)?,
         message_id: col(row, 17)?,
+        versions: col(row, 18)?,
+        reactions: crate::model::parse_reactions(col::<Option<&str>>(row, 19)?),
+        deleted_at: col(row, 20)?,
     })
 }
 
@@ -864,6 +894,28 @@ impl Store for PgStore {
                 conversation_row(&conv)?,
                 rows(messages, message_row)?,
             )))
+        })
+    }
+
+    fn message_versions(&self, message_id: Uuid) -> Result<Vec<MessageVersion>, StoreError> {
+        let mut conn = self.conn()?;
+        let found = conn
+            .query(
+                "SELECT version, kind, by_kind, by_value, previous_text, text, emoji, at \
+                 FROM message_versions WHERE message_id = $1 ORDER BY version",
+                &[&message_id],
+            )
+            .map_err(pg_err)?;
+        rows(found, |r| {
+            Ok(MessageVersion {
+                version: col(r, 0)?,
+                kind: parse_col(r, 1, switchboard_core::MessageChangeKind::parse)?,
+                by: identity_cols(r, 2, 3)?,
+                previous_text: col(r, 4)?,
+                text: col(r, 5)?,
+                emoji: col(r, 6)?,
+                at: col(r, 7)?,
+            })
         })
     }
 
@@ -1674,6 +1726,11 @@ impl Tx for PgTx {
         };
         for cid in &family {
             self.exec("DELETE FROM message_refs WHERE customer_id = $1", &[cid])?;
+            self.exec(
+                "DELETE FROM message_versions WHERE message_id IN \
+                 (SELECT id FROM messages WHERE customer_id = $1)",
+                &[cid],
+            )?;
             erased.messages += self.exec("DELETE FROM messages WHERE customer_id = $1", &[cid])?;
             erased.conversations +=
                 self.exec("DELETE FROM conversations WHERE customer_id = $1", &[cid])?;
@@ -1799,6 +1856,111 @@ impl Tx for PgTx {
             })?;
             Ok((direction, col(r, 1)?))
         })
+    }
+
+    fn message_by_provider_id(
+        &mut self,
+        channel: Channel,
+        account: &str,
+        provider_id: &str,
+    ) -> Result<Option<MessageRef>, StoreError> {
+        if has_nul(&[account, provider_id]) {
+            return Ok(None);
+        }
+        let params: [&(dyn ToSql + Sync); 3] = [&provider_id, &channel.as_str(), &account];
+        let found = match self.query_first(
+            "SELECT id, conversation_id, customer_id FROM messages \
+             WHERE header_id = $1 AND channel = $2 AND account = $3 ORDER BY seq LIMIT 1",
+            &params,
+        )? {
+            Some(r) => Some(r),
+            None => self.query_first(
+                "SELECT m.id, m.conversation_id, m.customer_id FROM outbound o \
+                 JOIN messages m ON m.id = o.message_id \
+                 WHERE o.provider_message_id = $1 AND o.channel = $2 AND o.account = $3 \
+                 ORDER BY m.seq LIMIT 1",
+                &params,
+            )?,
+        };
+        found
+            .map(|r| {
+                Ok(MessageRef {
+                    id: col(&r, 0)?,
+                    conversation_id: col(&r, 1)?,
+                    customer_id: col(&r, 2)?,
+                })
+            })
+            .transpose()
+    }
+
+    fn apply_change(&mut self, v: &NewVersion<'_>) -> Result<Option<i64>, StoreError> {
+        let strings = [
+            v.idempotency_key,
+            v.by.value.as_str(),
+            v.text.unwrap_or_default(),
+            v.emoji.unwrap_or_default(),
+            v.envelope,
+        ];
+        if has_nul(&strings) {
+            return Err(StoreError::Rejected(
+                "a change holds a NUL character".into(),
+            ));
+        }
+        if self
+            .query_first(
+                "SELECT 1 FROM message_versions WHERE idempotency_key = $1",
+                &[&v.idempotency_key],
+            )?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        // FOR UPDATE: two instances changing one message take turns.
+        let Some(r) = self.query_first(
+            "SELECT text, reactions, versions FROM messages WHERE id = $1 FOR UPDATE",
+            &[&v.message_id],
+        )?
+        else {
+            return Err(StoreError::Rejected(format!("no message {}", v.message_id)));
+        };
+        let text: String = col(&r, 0)?;
+        let reactions: Option<String> = col(&r, 1)?;
+        let versions: i64 = col(&r, 2)?;
+        let (new_text, new_reactions, deleted) =
+            crate::model::apply_version(&text, reactions.as_deref(), v);
+        let version = versions + 1;
+        self.exec(
+            "INSERT INTO message_versions (message_id, version, idempotency_key, kind, by_kind, \
+             by_value, previous_text, text, emoji, at, envelope) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &[
+                &v.message_id,
+                &version,
+                &v.idempotency_key,
+                &v.kind.as_str(),
+                &v.by.kind.as_str(),
+                &v.by.value,
+                &text,
+                &v.text,
+                &v.emoji,
+                &v.at,
+                &v.envelope,
+            ],
+        )?;
+        self.exec(
+            "UPDATE messages SET text = $1, reactions = $2, versions = $3, \
+             deleted_at = CASE WHEN $4 THEN COALESCE(deleted_at, $5) ELSE deleted_at END \
+             WHERE id = $6",
+            &[
+                &new_text,
+                &new_reactions,
+                &version,
+                &deleted,
+                &v.at,
+                &v.message_id,
+            ],
+        )?;
+        Ok(Some(version))
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {

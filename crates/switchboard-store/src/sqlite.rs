@@ -11,8 +11,9 @@ use switchboard_core::{Channel, Direction, Identity, IdentityKind, ThreadRule};
 use uuid::Uuid;
 
 use crate::model::{
-    Conversation, ConversationStatus, Cursor, Customer, Erased, LastInbound, MessageRef, Millis,
-    NewMessage, OutboundRecord, OutboundState, StoredMessage, Timeline,
+    Conversation, ConversationStatus, Cursor, Customer, Erased, LastInbound, MessageRef,
+    MessageVersion, Millis, NewMessage, NewVersion, OutboundRecord, OutboundState, StoredMessage,
+    Timeline,
 };
 use crate::{OutboxRecord, Store, StoreError, Tx};
 
@@ -173,6 +174,32 @@ CREATE TABLE mailbox_checkpoints (
 CREATE INDEX messages_customer_time ON messages (customer_id, received_at, seq);
 DROP INDEX messages_customer;
 DROP INDEX messages_inbound_by_customer;
+"#,
+    r#"
+-- Changes to stored messages (edits, reactions, deletions): each is a
+-- version keeping the text it replaced, applied once per idempotency key.
+ALTER TABLE messages ADD COLUMN versions INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN reactions TEXT;
+ALTER TABLE messages ADD COLUMN deleted_at INTEGER;
+CREATE TABLE message_versions (
+    message_id      TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    kind            TEXT NOT NULL,
+    by_kind         TEXT NOT NULL,
+    by_value        TEXT NOT NULL,
+    previous_text   TEXT NOT NULL,
+    text            TEXT,
+    emoji           TEXT,
+    at              INTEGER NOT NULL,
+    envelope        TEXT NOT NULL,
+    PRIMARY KEY (message_id, version)
+) WITHOUT ROWID;
+-- A change names its message by the provider's id: the message's own id,
+-- or the id the provider gave one of our sends.
+CREATE INDEX messages_provider_id ON messages (header_id) WHERE header_id IS NOT NULL;
+CREATE INDEX outbound_provider_id ON outbound (provider_message_id)
+    WHERE provider_message_id IS NOT NULL;
 "#,
 ];
 
@@ -433,7 +460,7 @@ fn outbound_row(row: &Row<'_>) -> rusqlite::Result<OutboundRecord> {
 
 const MESSAGE_COLS: &str = "id, seq, idempotency_key, customer_id, conversation_id, direction, \
     channel, account, from_kind, from_value, to_kind, to_value, received_at, subject, text, rule, \
-    status, header_id";
+    status, header_id, versions, reactions, deleted_at";
 
 fn message_row(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
     Ok(StoredMessage {
@@ -457,6 +484,9 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
         rule: parse_col(row, 15, ThreadRule::parse)?,
         status: row.get(16)?,
         message_id: row.get(17)?,
+        versions: row.get(18)?,
+        reactions: crate::model::parse_reactions(row.get::<_, Option<String>>(19)?.as_deref()),
+        deleted_at: row.get(20)?,
     })
 }
 
@@ -628,6 +658,29 @@ impl Store for SqliteStore {
                 Ok(Some((conv, messages)))
             },
         )
+    }
+
+    fn message_versions(&self, message_id: Uuid) -> Result<Vec<MessageVersion>, StoreError> {
+        self.read()
+            .prepare_cached(
+                "SELECT version, kind, by_kind, by_value, previous_text, text, emoji, at \
+                 FROM message_versions WHERE message_id = ?1 ORDER BY version",
+            )
+            .and_then(|mut s| {
+                s.query_map([message_id.to_string()], |r| {
+                    Ok(MessageVersion {
+                        version: r.get(0)?,
+                        kind: parse_col(r, 1, switchboard_core::MessageChangeKind::parse)?,
+                        by: identity_cols(r, 2, 3)?,
+                        previous_text: r.get(4)?,
+                        text: r.get(5)?,
+                        emoji: r.get(6)?,
+                        at: r.get(7)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(unavailable)
     }
 
     fn outbound_by_key(&self, key: &str) -> Result<Option<OutboundRecord>, StoreError> {
@@ -1263,6 +1316,11 @@ impl Tx for SqliteTx<'_> {
         };
         for cid in &ids {
             self.exec("DELETE FROM message_refs WHERE customer_id = ?1", [cid])?;
+            self.exec(
+                "DELETE FROM message_versions WHERE message_id IN \
+                 (SELECT id FROM messages WHERE customer_id = ?1)",
+                [cid],
+            )?;
             erased.messages +=
                 self.exec("DELETE FROM messages WHERE customer_id = ?1", [cid])? as u64;
             erased.conversations +=
@@ -1382,6 +1440,98 @@ impl Tx for SqliteTx<'_> {
                 .collect()
             })
             .map_err(unavailable)
+    }
+
+    fn message_by_provider_id(
+        &mut self,
+        channel: Channel,
+        account: &str,
+        provider_id: &str,
+    ) -> Result<Option<MessageRef>, StoreError> {
+        let by_ref = |r: &Row<'_>| {
+            Ok(MessageRef {
+                id: uuid_col(r, 0)?,
+                conversation_id: uuid_col(r, 1)?,
+                customer_id: uuid_col(r, 2)?,
+            })
+        };
+        let own = self
+            .conn
+            .prepare_cached(
+                "SELECT id, conversation_id, customer_id FROM messages \
+                 WHERE header_id = ?1 AND channel = ?2 AND account = ?3 ORDER BY seq LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![provider_id, channel.as_str(), account], by_ref)
+                    .optional()
+            })
+            .map_err(unavailable)?;
+        if own.is_some() {
+            return Ok(own);
+        }
+        self.conn
+            .prepare_cached(
+                "SELECT m.id, m.conversation_id, m.customer_id FROM outbound o \
+                 JOIN messages m ON m.id = o.message_id \
+                 WHERE o.provider_message_id = ?1 AND o.channel = ?2 AND o.account = ?3 \
+                 ORDER BY m.seq LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![provider_id, channel.as_str(), account], by_ref)
+                    .optional()
+            })
+            .map_err(unavailable)
+    }
+
+    fn apply_change(&mut self, v: &NewVersion<'_>) -> Result<Option<i64>, StoreError> {
+        let seen = self
+            .conn
+            .prepare_cached("SELECT 1 FROM message_versions WHERE idempotency_key = ?1")
+            .and_then(|mut s| s.exists([v.idempotency_key]))
+            .map_err(unavailable)?;
+        if seen {
+            return Ok(None);
+        }
+        let id = v.message_id.to_string();
+        let current: Option<(String, Option<String>, i64)> = self
+            .conn
+            .prepare_cached("SELECT text, reactions, versions FROM messages WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+            })
+            .map_err(unavailable)?;
+        let Some((text, reactions, versions)) = current else {
+            return Err(StoreError::Rejected(format!("no message {}", v.message_id)));
+        };
+        let (new_text, new_reactions, deleted) =
+            crate::model::apply_version(&text, reactions.as_deref(), v);
+        let version = versions + 1;
+        self.exec(
+            "INSERT INTO message_versions (message_id, version, idempotency_key, kind, by_kind, \
+             by_value, previous_text, text, emoji, at, envelope) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                id,
+                version,
+                v.idempotency_key,
+                v.kind.as_str(),
+                v.by.kind.as_str(),
+                v.by.value,
+                text,
+                v.text,
+                v.emoji,
+                v.at,
+                v.envelope
+            ],
+        )?;
+        self.exec(
+            "UPDATE messages SET text = ?1, reactions = ?2, versions = ?3, \
+             deleted_at = CASE WHEN ?4 THEN COALESCE(deleted_at, ?5) ELSE deleted_at END \
+             WHERE id = ?6",
+            params![new_text, new_reactions, version, deleted, v.at, id],
+        )?;
+        Ok(Some(version))
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {

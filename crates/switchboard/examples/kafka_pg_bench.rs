@@ -271,6 +271,7 @@ fn message(run: &str, i: usize, customers: usize) -> (String, Vec<u8>, String) {
             correlation_id: None,
         },
         automated: None,
+        change: None,
     };
     let pkey = env.customer_identity().partition_key();
     let payload = serde_json::to_vec(&env).expect("an envelope serializes");

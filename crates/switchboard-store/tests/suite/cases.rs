@@ -66,6 +66,7 @@ pub(crate) fn envelope(
         provider_raw: None,
         trace: Trace::default(),
         automated: None,
+        change: None,
     }
 }
 
@@ -1283,4 +1284,112 @@ pub(crate) fn thread_message_ids_newest_first(s: &dyn Store) {
             .is_empty()
     );
     tx.commit().unwrap();
+}
+
+/// A change: finds its message by provider id (its own, or the provider's
+/// answer to our send), records a version keeping the replaced text,
+/// applies once per key, and goes with the customer on erase.
+pub(crate) fn message_changes_keep_versions(s: &dyn Store) {
+    use switchboard_core::MessageChangeKind;
+    use switchboard_store::NewVersion;
+    let ada = "phone:+14155550100";
+    let mut tx = s.begin().unwrap();
+    let a = customer(&mut *tx, &[ada]);
+    let conv = conversation(&mut *tx, a, Channel::Sms, 0);
+    let mut m1 = inbound("m1", ada, Channel::Sms, 0);
+    m1.thread_hints.message_id = Some("SM1".into());
+    store(&mut *tx, &m1, a, conv);
+    let ours = envelope("ours", ada, Channel::Sms, Direction::Outbound, 1);
+    store(&mut *tx, &ours, a, conv);
+    let mut rec = outbound_record("req-1", ours.id, conv, a);
+    rec.provider_message_id = Some("SM-OURS".into());
+    tx.put_outbound(&rec, "{}").unwrap();
+
+    let found = tx
+        .message_by_provider_id(Channel::Sms, SMS_NUMBER, "SM1")
+        .unwrap()
+        .unwrap();
+    assert_eq!((found.id, found.conversation_id), (m1.id, conv));
+    let found = tx
+        .message_by_provider_id(Channel::Sms, SMS_NUMBER, "SM-OURS")
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, ours.id, "our send, by the provider's id");
+    for (channel, account, id) in [
+        (Channel::Whatsapp, SMS_NUMBER, "SM1"),
+        (Channel::Sms, "+15559999999", "SM1"),
+        (Channel::Sms, SMS_NUMBER, "SM-NONE"),
+    ] {
+        assert_eq!(
+            tx.message_by_provider_id(channel, account, id).unwrap(),
+            None,
+            "{channel} {account} {id}"
+        );
+    }
+
+    let who = ident(ada);
+    let change = |key: &'static str, kind, text, emoji, at| NewVersion {
+        message_id: m1.id,
+        idempotency_key: key,
+        kind,
+        by: &who,
+        text,
+        emoji,
+        at: T0 + at,
+        envelope: "{}",
+    };
+    let edit = change("c1", MessageChangeKind::Edit, Some("fixed"), None, 10);
+    assert_eq!(tx.apply_change(&edit).unwrap(), Some(1));
+    assert_eq!(tx.apply_change(&edit).unwrap(), None, "applied once");
+    let react = change("c2", MessageChangeKind::Reaction, None, Some("👍"), 11);
+    assert_eq!(tx.apply_change(&react).unwrap(), Some(2));
+    tx.commit().unwrap();
+
+    let (_, msgs) = s.conversation(conv).unwrap().unwrap();
+    assert_eq!(msgs.len(), 2);
+    let m = &msgs[0];
+    assert_eq!(m.text, "fixed");
+    assert_eq!(m.versions, 2);
+    assert_eq!(m.reactions.get(ada).map(String::as_str), Some("👍"));
+    assert_eq!(m.deleted_at, None);
+
+    let mut tx = s.begin().unwrap();
+    let delete = change("c3", MessageChangeKind::Delete, None, None, 12);
+    assert_eq!(tx.apply_change(&delete).unwrap(), Some(3));
+    let unreact = change("c4", MessageChangeKind::ReactionRemoved, None, None, 13);
+    assert_eq!(tx.apply_change(&unreact).unwrap(), Some(4));
+    let mut orphan = change("c5", MessageChangeKind::Edit, Some("x"), None, 14);
+    orphan.message_id = Uuid::now_v7();
+    rejected(tx.apply_change(&orphan));
+    tx.commit().unwrap();
+
+    let (_, msgs) = s.conversation(conv).unwrap().unwrap();
+    let m = &msgs[0];
+    assert_eq!((m.text.as_str(), m.versions), ("", 4));
+    assert!(m.reactions.is_empty());
+    assert_eq!(m.deleted_at, Some(T0 + 12));
+    let versions = s.message_versions(m1.id).unwrap();
+    let kept: Vec<(i64, MessageChangeKind, &str)> = versions
+        .iter()
+        .map(|v| (v.version, v.kind, v.previous_text.as_str()))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            (1, MessageChangeKind::Edit, "message m1"),
+            (2, MessageChangeKind::Reaction, "fixed"),
+            (3, MessageChangeKind::Delete, "fixed"),
+            (4, MessageChangeKind::ReactionRemoved, ""),
+        ]
+    );
+    assert_eq!(versions[0].text.as_deref(), Some("fixed"));
+    assert_eq!(versions[1].emoji.as_deref(), Some("👍"));
+    assert_eq!(versions[0].by, who);
+    assert_eq!(versions[0].at, T0 + 10);
+
+    // The versions are personal data: erasure removes them.
+    let mut tx = s.begin().unwrap();
+    tx.erase_customer(a, T0 + 20).unwrap();
+    tx.commit().unwrap();
+    assert!(s.message_versions(m1.id).unwrap().is_empty());
 }

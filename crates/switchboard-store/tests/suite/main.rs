@@ -113,6 +113,7 @@ suite!(
     is_empty_until_a_customer_is_stored,
     mailbox_checkpoints_per_account_and_mailbox,
     thread_message_ids_newest_first,
+    message_changes_keep_versions,
 );
 
 /// Built without the `postgres` feature: say so when a database was named.
