@@ -180,8 +180,11 @@ async fn a_malformed_record_is_dead_lettered_and_the_next_one_routed() {
     );
     assert!(!letter.retryable, "a malformed record is not retryable");
     // On Kafka the identity stage reads inbound.v1, so it is the one that
-    // gives up on the record.
-    assert_eq!(letter.group, "switchboard-identity", "{json}");
+    // gives up on the record (its group follows the topic prefix).
+    let identity_group = switchboard_core::Topics::with_prefix(dir.topic_prefix())
+        .groups
+        .identity;
+    assert_eq!(letter.group, identity_group, "{json}");
     let (orig_key, orig_payload) = letter.original().expect("valid base64");
     assert_eq!(orig_key, key.as_bytes());
     assert_eq!(
