@@ -221,7 +221,31 @@ pub fn parse(raw: &[u8], ctx: &ParseContext, extras: &ServerExtras) -> Result<Pa
         storage_ref: Some(original.storage_ref.clone()),
         parse_error: None,
     };
-    let message = MessageParser::default().parse(raw);
+    // mail-parser panics on some malformed structures (the fuzz target found
+    // "Invalid part ID, could not find multipart"): such mail lands unparsed
+    // with the reason, like any other mail that cannot be read, and never
+    // stops the mailbox.
+    let message = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        MessageParser::default().parse(raw)
+    }));
+    let message = match message {
+        Ok(message) => message,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".to_owned());
+            return Ok(unparsed(
+                ctx,
+                extras,
+                received_at,
+                &original,
+                provider_raw,
+                &format!("the mail parser failed on this mail: {why}"),
+            ));
+        }
+    };
     let message = match message {
         Some(m) if looks_like_mail(&m) => m,
         _ => {

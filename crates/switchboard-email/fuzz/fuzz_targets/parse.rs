@@ -30,7 +30,27 @@ fn state() -> State {
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
+/// libfuzzer-sys aborts on every panic, before any unwinding. `parse`
+/// catches mail-parser's own panics (it panics on some malformed structures)
+/// and lands such mail unparsed, so a panic inside mail-parser is let
+/// unwind to that catch; any other panic still aborts and is a finding.
+fn let_mail_parser_panics_unwind() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let fuzzer_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_mail_parser = info
+                .location()
+                .is_some_and(|l| l.file().contains("/mail-parser-"));
+            if !in_mail_parser {
+                fuzzer_hook(info);
+            }
+        }));
+    });
+}
+
 fuzz_target!(|data: &[u8]| {
+    let_mail_parser_panics_unwind();
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
     let state = guard.get_or_insert_with(state);
     state.runs += 1;
