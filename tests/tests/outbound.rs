@@ -639,6 +639,15 @@ async fn reply_is_sent_once_signed_and_tracked_on(backend: Backend) {
     let metrics = api.metrics().await.unwrap();
     let counts = metric_samples(&metrics, "switchboard_first_response_seconds_count");
     assert_eq!(counts, [("channel=\"api\"".to_owned(), 1.0)], "{metrics}");
+    // Store latency: the router's and the dispatcher's transactions.
+    let store = metric_samples(&metrics, "switchboard_store_seconds_count");
+    for op in ["route_inbound", "outbox_read", "dispatch_prepare", "dispatch_record"] {
+        let n = store
+            .iter()
+            .find(|(labels, _)| labels == &format!("op=\"{op}\""))
+            .map_or(0.0, |(_, n)| *n);
+        assert!(n >= 1.0, "no store transaction timed for {op}: {store:?}");
+    }
 }
 
 /// 500 twice, then 200: three attempts of one message, numbered 1, 2, 3;

@@ -13,6 +13,7 @@ pub mod bus;
 pub mod envelope;
 pub mod identity;
 pub mod intake;
+pub mod live;
 pub mod outbound;
 pub mod records;
 pub mod schemas;
@@ -25,6 +26,7 @@ pub use envelope::{
 };
 pub use identity::{Identity, IdentityError, IdentityKind};
 pub use intake::{Intake, IntakeError, Received};
+pub use live::Live;
 pub use outbound::{Outbound, OutboundMessage, SendError, SendReceipt, ThreadRefs};
 pub use records::{
     Command, CommandKind, DeadLetter, Delivery, DeliveryError, DeliveryState, Event, EventKind,

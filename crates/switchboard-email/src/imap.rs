@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt as _;
-use switchboard_core::{Intake, IntakeError, Received};
+use switchboard_core::{Intake, IntakeError, Live, Received};
 use switchboard_store::{MailboxCheckpoint, Store};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -368,8 +368,12 @@ pub(crate) fn start_uid(cp: Option<MailboxCheckpoint>, uidvalidity: u32) -> (u32
 /// Reads one mailbox into an [`Intake`].
 pub struct ImapPoller {
     account: String,
+    account_name: String,
     mailbox: String,
     cfg: Arc<ImapConfig>,
+    /// The credentials, swappable while running (SIGHUP); read at each
+    /// login, shared by the account's pollers.
+    auth: Arc<Live<Auth>>,
     tls: Option<Arc<rustls::ClientConfig>>,
     parse: Arc<ParseContext>,
     intake: Arc<dyn Intake>,
@@ -406,7 +410,9 @@ impl ImapPoller {
         };
         Ok(ImapPoller {
             account: account.address.clone(),
+            account_name: account.name.clone(),
             mailbox: mailbox.to_owned(),
+            auth: Arc::new(Live::new(cfg.auth.clone())),
             cfg: Arc::new(cfg),
             tls,
             parse,
@@ -425,6 +431,23 @@ impl ImapPoller {
     /// The account address.
     pub fn account(&self) -> &str {
         &self.account
+    }
+
+    /// The account's name in the configuration.
+    pub fn account_name(&self) -> &str {
+        &self.account_name
+    }
+
+    /// The credentials it logs in with: setting them (SIGHUP) takes effect
+    /// at the next login; a session already logged in carries on.
+    pub fn credentials(&self) -> Arc<Live<Auth>> {
+        Arc::clone(&self.auth)
+    }
+
+    /// Shares `auth` with the account's other pollers.
+    fn with_credentials(mut self, auth: Arc<Live<Auth>>) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// The mailbox.
@@ -474,7 +497,11 @@ impl ImapPoller {
         shutdown: &mut watch::Receiver<bool>,
         progressed: &mut bool,
     ) -> Result<(), ImapError> {
-        let mut session = connect(&self.cfg, self.tls.as_ref()).await?;
+        let cfg = ImapConfig {
+            auth: (*self.auth.get()).clone(),
+            ..(*self.cfg).clone()
+        };
+        let mut session = connect(&cfg, self.tls.as_ref()).await?;
         let t = self.cfg.timeout;
         let caps = timed(t, "CAPABILITY", session.capabilities()).await??;
         let can_idle = self.cfg.idle && caps.has_str("IDLE");
@@ -905,14 +932,18 @@ pub fn pollers(
     for account in &cfg.accounts {
         let Some(imap) = &account.imap else { continue };
         let ctx = Arc::new(parse_context(cfg, account));
+        let auth = Arc::new(Live::new(imap.auth.clone()));
         for mailbox in &imap.mailboxes {
-            out.push(ImapPoller::new(
-                account,
-                mailbox,
-                Arc::clone(&ctx),
-                Arc::clone(&intake),
-                Arc::clone(&checkpoints),
-            )?);
+            out.push(
+                ImapPoller::new(
+                    account,
+                    mailbox,
+                    Arc::clone(&ctx),
+                    Arc::clone(&intake),
+                    Arc::clone(&checkpoints),
+                )?
+                .with_credentials(Arc::clone(&auth)),
+            );
         }
     }
     Ok(out)

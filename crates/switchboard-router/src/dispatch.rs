@@ -204,6 +204,7 @@ pub struct DispatchMetrics {
     requests: IntCounterVec,
     send_seconds: HistogramVec,
     segments: IntCounterVec,
+    store: Option<crate::StoreLatency>,
 }
 
 impl DispatchMetrics {
@@ -238,12 +239,20 @@ impl DispatchMetrics {
                 ),
                 &["channel"],
             )?,
+            store: None,
         };
         registry.register(Box::new(m.segments.clone()))?;
         registry.register(Box::new(m.attempts.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.send_seconds.clone()))?;
         Ok(m)
+    }
+
+    /// Records the dispatcher's store transactions in `latency` (the
+    /// router's, [`crate::RouterMetrics::store_latency`]).
+    pub fn with_store_latency(mut self, latency: crate::StoreLatency) -> Self {
+        self.store = Some(latency);
+        self
     }
 }
 
@@ -489,9 +498,14 @@ impl Dispatcher {
                 adapters: self.adapters(),
                 settings: self.settings.clone(),
             };
-            let res = tokio::task::spawn_blocking(move || ctx.prepare_batch(&*store, &batch))
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));
+            let timer = self.metrics.store.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                crate::StoreLatency::maybe(timer.as_ref(), "dispatch_prepare", || {
+                    ctx.prepare_batch(&*store, &batch)
+                })
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));
             match res {
                 Ok(prepared) => {
                     for (p, r) in prepared.iter().zip(records) {
@@ -547,8 +561,11 @@ impl Dispatcher {
             let router = self.router.clone();
             let results = Arc::clone(&results);
             let topics = self.topics.clone();
+            let timer = self.metrics.store.clone();
             let res = tokio::task::spawn_blocking(move || {
-                record_results(&*store, &router, &topics, &results)
+                crate::StoreLatency::maybe(timer.as_ref(), "dispatch_record", || {
+                    record_results(&*store, &router, &topics, &results)
+                })
             })
             .await
             .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));

@@ -33,7 +33,7 @@ pub use policy::{ChannelPolicy, Policy};
 pub use route::{RouteError, Routed, Router};
 pub use service::{
     COMMANDS_GROUP, IDENTITY_GROUP, INBOUND_GROUP, OutboxPublisher, Pipeline, PipelineError,
-    RouterMetrics,
+    RouterMetrics, StoreLatency,
 };
 pub use sla::{ServiceLevels, SlaMetrics, service_levels};
 

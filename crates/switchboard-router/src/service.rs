@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 use switchboard_core::bus::Outgoing;
 use switchboard_core::{
     Bus, BusError, Command, Consumer, DeadLetter, Envelope, Record, Retryable, Topics,
@@ -38,9 +40,51 @@ pub enum PipelineError {
     Store(#[from] StoreError),
 }
 
+/// How long store transactions take, by operation: the router's batches
+/// (`route_inbound`, `resolve_identity`, `apply_commands`), the outbox
+/// (`outbox_read`, `outbox_done`) and the dispatcher's (`dispatch_prepare`,
+/// `dispatch_record`). Each observation is one transaction from `begin` to
+/// `commit` (or its failure), lock waits included.
+#[derive(Clone)]
+pub struct StoreLatency(HistogramVec);
+
+impl StoreLatency {
+    fn new() -> prometheus::Result<Self> {
+        Ok(StoreLatency(HistogramVec::new(
+            HistogramOpts::new(
+                "switchboard_store_seconds",
+                "time of one store transaction, by operation",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["op"],
+        )?))
+    }
+
+    /// Runs `f`, timed when there is a histogram.
+    pub fn maybe<T>(latency: Option<&StoreLatency>, op: &str, f: impl FnOnce() -> T) -> T {
+        match latency {
+            Some(l) => l.time(op, f),
+            None => f(),
+        }
+    }
+
+    /// Runs `f` (one transaction) and records how long it took.
+    pub fn time<T>(&self, op: &str, f: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let out = f();
+        self.0
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        out
+    }
+}
+
 /// The router's metrics.
 #[derive(Clone)]
 pub struct RouterMetrics {
+    store: StoreLatency,
     routed: IntCounterVec,
     duplicates: IntCounter,
     latency: Histogram,
@@ -54,6 +98,7 @@ impl RouterMetrics {
     /// Creates the metrics and registers them.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = RouterMetrics {
+            store: StoreLatency::new()?,
             routed: IntCounterVec::new(
                 Opts::new(
                     "switchboard_messages_routed_total",
@@ -100,6 +145,7 @@ impl RouterMetrics {
                 &["channel"],
             )?,
         };
+        registry.register(Box::new(m.store.0.clone()))?;
         registry.register(Box::new(m.routed.clone()))?;
         registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.latency.clone()))?;
@@ -113,6 +159,11 @@ impl RouterMetrics {
     /// The routing latency histogram (for benchmarks).
     pub fn latency(&self) -> &Histogram {
         &self.latency
+    }
+
+    /// The store latency histogram, to share with the dispatcher.
+    pub fn store_latency(&self) -> StoreLatency {
+        self.store.clone()
     }
 }
 
@@ -173,7 +224,10 @@ impl Pipeline {
         batch: usize,
     ) -> Self {
         Pipeline {
-            outbox: Arc::new(OutboxPublisher::new(Arc::clone(&bus), Arc::clone(&store))),
+            outbox: Arc::new(
+                OutboxPublisher::new(Arc::clone(&bus), Arc::clone(&store))
+                    .with_store_latency(metrics.store_latency()),
+            ),
             bus,
             store,
             router,
@@ -416,14 +470,21 @@ impl Pipeline {
             let store = Arc::clone(&self.store);
             let router = self.router.clone();
             let batch = records.to_vec();
-            let res =
-                tokio::task::spawn_blocking(move || route_batch(&*store, &router, &batch, kind))
-                    .await
-                    .unwrap_or_else(|join| {
-                        Err(StoreError::Unavailable(format!(
-                            "routing task failed: {join}"
-                        )))
-                    });
+            let timer = self.metrics.store.clone();
+            let op = match kind {
+                Kind::Inbound => "route_inbound",
+                Kind::Identity => "resolve_identity",
+                Kind::Commands => "apply_commands",
+            };
+            let res = tokio::task::spawn_blocking(move || {
+                timer.time(op, || route_batch(&*store, &router, &batch, kind))
+            })
+            .await
+            .unwrap_or_else(|join| {
+                Err(StoreError::Unavailable(format!(
+                    "routing task failed: {join}"
+                )))
+            });
             match res {
                 Ok(outcomes) => return Ok(outcomes),
                 Err(error) if error.retryable() => {
@@ -483,6 +544,7 @@ pub struct OutboxPublisher {
     bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     lock: Mutex<()>,
+    store_latency: Option<StoreLatency>,
 }
 
 impl OutboxPublisher {
@@ -492,7 +554,14 @@ impl OutboxPublisher {
             bus,
             store,
             lock: Mutex::new(()),
+            store_latency: None,
         }
+    }
+
+    /// Records its store transactions in `latency`.
+    pub fn with_store_latency(mut self, latency: StoreLatency) -> Self {
+        self.store_latency = Some(latency);
+        self
     }
 
     /// Publishes everything committed to the outbox, then forgets it.
@@ -500,9 +569,12 @@ impl OutboxPublisher {
         let _guard = self.lock.lock().await;
         loop {
             let store = Arc::clone(&self.store);
-            let pending = tokio::task::spawn_blocking(move || store.outbox(2048))
-                .await
-                .unwrap_or_else(|join| Err(StoreError::Unavailable(join.to_string())))?;
+            let timer = self.store_latency.clone();
+            let pending = tokio::task::spawn_blocking(move || {
+                StoreLatency::maybe(timer.as_ref(), "outbox_read", || store.outbox(2048))
+            })
+            .await
+            .unwrap_or_else(|join| Err(StoreError::Unavailable(join.to_string())))?;
             let Some(last) = pending.last().map(|r| r.seq) else {
                 return Ok(());
             };
@@ -516,9 +588,12 @@ impl OutboxPublisher {
                 .collect();
             retry_bus(|| self.bus.publish_batch(batch.clone()), || {}).await?;
             let store = Arc::clone(&self.store);
-            tokio::task::spawn_blocking(move || store.outbox_done(last))
-                .await
-                .unwrap_or_else(|join| Err(StoreError::Unavailable(join.to_string())))?;
+            let timer = self.store_latency.clone();
+            tokio::task::spawn_blocking(move || {
+                StoreLatency::maybe(timer.as_ref(), "outbox_done", || store.outbox_done(last))
+            })
+            .await
+            .unwrap_or_else(|join| Err(StoreError::Unavailable(join.to_string())))?;
         }
     }
 }

@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, Opts, Registry};
-use switchboard_core::Intake;
+use switchboard_core::{Intake, Live};
 use tokio::sync::watch;
 
 pub use config::{RawSmsChannel, SmsConfig};
@@ -126,7 +126,7 @@ impl SmsMetrics {
 
 /// The SMS channel: webhooks, the concat timer and the sending side.
 pub struct SmsChannel {
-    cfg: Arc<SmsConfig>,
+    cfg: Arc<Live<SmsConfig>>,
     client: reqwest::Client,
     media: media::AttachmentStore,
     concat: Arc<concat::ConcatStore>,
@@ -169,7 +169,7 @@ impl SmsChannel {
             tracing::info!(account = %a.name, provider = a.provider.name(), number = %a.number, "sms account configured");
         }
         Ok(Arc::new(SmsChannel {
-            cfg: Arc::new(cfg),
+            cfg: Arc::new(Live::new(cfg)),
             client,
             media,
             concat: Arc::new(concat),
@@ -177,9 +177,17 @@ impl SmsChannel {
         }))
     }
 
-    /// The checked configuration.
-    pub fn config(&self) -> &SmsConfig {
-        &self.cfg
+    /// The checked configuration, as of now.
+    pub fn config(&self) -> Arc<SmsConfig> {
+        self.cfg.get()
+    }
+
+    /// Swaps the configuration of a running channel (SIGHUP). The caller
+    /// has checked that only credentials differ (auth tokens, API and
+    /// signature secrets): webhooks and sends that started keep the old
+    /// ones, the next use the new.
+    pub fn reload(&self, cfg: SmsConfig) {
+        self.cfg.set(cfg);
     }
 
     /// The sending side, for the dispatcher.
@@ -200,7 +208,7 @@ impl SmsChannel {
         intake: Arc<dyn Intake>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let tick = (self.cfg.concat_timeout / 4)
+        let tick = (self.cfg.get().concat_timeout / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             tokio::select! {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use switchboard_core::{
-    Channel, Identity, IdentityKind, Outbound, OutboundMessage, SendError, SendReceipt,
+    Channel, Identity, IdentityKind, Live, Outbound, OutboundMessage, SendError, SendReceipt,
 };
 
 use crate::common::segments;
@@ -18,18 +18,19 @@ use crate::twilio;
 /// The SMS channel's sending side: every configured account, by name and
 /// by number.
 pub struct SmsOutbound {
-    cfg: Arc<SmsConfig>,
+    cfg: Arc<Live<SmsConfig>>,
     client: reqwest::Client,
 }
 
 impl SmsOutbound {
-    /// The sending side of `cfg`'s accounts.
-    pub fn new(cfg: Arc<SmsConfig>, client: reqwest::Client) -> Self {
+    /// The sending side of `cfg`'s accounts; a send uses the credentials
+    /// current when it starts.
+    pub fn new(cfg: Arc<Live<SmsConfig>>, client: reqwest::Client) -> Self {
         SmsOutbound { cfg, client }
     }
 
-    fn account(&self, name: &str) -> Result<&AccountConfig, SendError> {
-        self.cfg.account(name).ok_or_else(|| {
+    fn account(&self, name: &str) -> Result<AccountConfig, SendError> {
+        self.cfg.get().account(name).cloned().ok_or_else(|| {
             SendError::NotConfigured(format!("sms account {name:?} is not configured"))
         })
     }
@@ -337,7 +338,7 @@ impl Outbound for SmsOutbound {
     }
 
     fn provider(&self, account: &str) -> &'static str {
-        match self.cfg.account(account).map(|a| &a.provider) {
+        match self.cfg.get().account(account).map(|a| &a.provider) {
             Some(crate::config::Provider::Twilio(_)) => "twilio",
             Some(crate::config::Provider::Vonage(_)) => "vonage",
             None => "sms",
@@ -351,10 +352,10 @@ impl Outbound for SmsOutbound {
     }
 
     fn default_account(&self) -> Option<String> {
-        self.cfg
-            .default_account
+        let cfg = self.cfg.get();
+        cfg.default_account
             .as_ref()
-            .and_then(|n| self.cfg.accounts.get(n))
+            .and_then(|n| cfg.accounts.get(n))
             .map(|a| a.number.clone())
     }
 
@@ -368,8 +369,8 @@ impl Outbound for SmsOutbound {
             });
         }
         match &account.provider {
-            Provider::Twilio(t) => send_twilio(&self.client, account, t, msg).await,
-            Provider::Vonage(v) => send_vonage(&self.client, account, v, msg).await,
+            Provider::Twilio(t) => send_twilio(&self.client, &account, t, msg).await,
+            Provider::Vonage(v) => send_vonage(&self.client, &account, v, msg).await,
         }
     }
 }

@@ -120,7 +120,8 @@ impl Hook {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Response {
-        let Some(account) = self.sms.cfg.accounts.get(name) else {
+        let cfg = self.sms.config();
+        let Some(account) = cfg.accounts.get(name) else {
             self.sms
                 .metrics
                 .webhooks
@@ -390,6 +391,7 @@ impl Hook {
             Provider::Twilio(t) => Some((t.account_sid.as_str(), &t.auth_token)),
             Provider::Vonage(_) => None,
         };
+        let cfg = self.sms.config();
         for a in &mut env.attachments {
             let Some(url) = a.url.clone() else { continue };
             match media::fetch(
@@ -398,8 +400,8 @@ impl Hook {
                 &url,
                 &account.api_base,
                 credentials,
-                self.sms.cfg.max_media_bytes,
-                self.sms.cfg.media_timeout,
+                cfg.max_media_bytes,
+                cfg.media_timeout,
             )
             .await
             {
@@ -500,14 +502,15 @@ async fn publish_set(
 /// forgets parts published long ago.
 pub(crate) async fn flush_expired(sms: &SmsChannel, intake: &dyn Intake) -> Result<(), String> {
     let now = Utc::now().timestamp_millis();
-    let cutoff = now - i64::try_from(sms.cfg.concat_timeout.as_millis()).unwrap_or(i64::MAX);
+    let cfg = sms.config();
+    let cutoff = now - i64::try_from(cfg.concat_timeout.as_millis()).unwrap_or(i64::MAX);
     let store = Arc::clone(&sms.concat);
     let sets = tokio::task::spawn_blocking(move || store.expired(cutoff))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     for set in sets {
-        let Some(account) = sms.cfg.accounts.get(&set.account) else {
+        let Some(account) = cfg.accounts.get(&set.account) else {
             tracing::warn!(account = %set.account, set = %set.set_key, "concat parts of an account no longer configured are kept");
             continue;
         };

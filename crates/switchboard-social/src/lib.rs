@@ -65,7 +65,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, Opts, Registry};
-use switchboard_core::{Channel, Intake, IntakeError, Outbound};
+use switchboard_core::{Channel, Intake, IntakeError, Live, Outbound};
 use tokio::sync::watch;
 
 pub use config::{RawSocialChannel, SocialConfig};
@@ -154,7 +154,7 @@ impl SocialMetrics {
 
 /// The social channel.
 pub struct SocialChannel {
-    cfg: Arc<SocialConfig>,
+    cfg: Arc<Live<SocialConfig>>,
     client: reqwest::Client,
     media: media::AttachmentStore,
     state: Arc<state::State>,
@@ -200,7 +200,7 @@ impl SocialChannel {
             tracing::info!(account = %a.name, bot = %a.bot_id, mode = ?a.mode, "telegram bot configured");
         }
         Ok(Arc::new(SocialChannel {
-            cfg: Arc::new(cfg),
+            cfg: Arc::new(Live::new(cfg)),
             client,
             media,
             state: Arc::new(state),
@@ -208,19 +208,28 @@ impl SocialChannel {
         }))
     }
 
-    /// The checked configuration.
-    pub fn config(&self) -> &SocialConfig {
-        &self.cfg
+    /// The checked configuration, as of now.
+    pub fn config(&self) -> Arc<SocialConfig> {
+        self.cfg.get()
+    }
+
+    /// Swaps the configuration of a running channel (SIGHUP). The caller
+    /// has checked that only credentials differ (app secret, verify token,
+    /// access tokens, bot tokens, secret tokens): webhooks, sends and polls
+    /// that started keep the old ones, the next use the new.
+    pub fn reload(&self, cfg: SocialConfig) {
+        self.cfg.set(cfg);
     }
 
     /// One sending adapter per configured channel, for the dispatcher.
     pub fn outbounds(&self) -> Vec<Arc<dyn Outbound>> {
+        let cfg = self.config();
         let mut out: Vec<Arc<dyn Outbound>> = Vec::new();
         for (channel, configured) in [
-            (Channel::Whatsapp, !self.cfg.whatsapp.is_empty()),
-            (Channel::Messenger, !self.cfg.messenger.is_empty()),
-            (Channel::Instagram, !self.cfg.instagram.is_empty()),
-            (Channel::Telegram, !self.cfg.telegram.is_empty()),
+            (Channel::Whatsapp, !cfg.whatsapp.is_empty()),
+            (Channel::Messenger, !cfg.messenger.is_empty()),
+            (Channel::Instagram, !cfg.instagram.is_empty()),
+            (Channel::Telegram, !cfg.telegram.is_empty()),
         ] {
             if configured {
                 out.push(Arc::new(SocialOutbound::new(
@@ -249,7 +258,7 @@ impl SocialChannel {
         stop: watch::Receiver<bool>,
     ) {
         let bots: Vec<_> = self
-            .cfg
+            .config()
             .telegram
             .values()
             .filter(|b| b.mode == config::TelegramMode::Polling)
@@ -273,7 +282,7 @@ impl SocialChannel {
 
     async fn poll_bot(
         &self,
-        bot: config::TelegramAccount,
+        first: config::TelegramAccount,
         intake: Arc<dyn Intake>,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -283,6 +292,13 @@ impl SocialChannel {
             if *stop.borrow() {
                 return;
             }
+            // Each call with the bot's token as of now (SIGHUP rotates it).
+            let bot = self
+                .config()
+                .telegram
+                .get(&first.name)
+                .cloned()
+                .unwrap_or_else(|| first.clone());
             let url = format!("{}/bot{}/getUpdates", bot.api_base, bot.bot_token.expose());
             let mut body = serde_json::json!({
                 "timeout": bot.poll_timeout.as_secs(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use switchboard_core::{
-    Channel, Identity, IdentityKind, Outbound, OutboundMessage, SendError, SendReceipt,
+    Channel, Identity, IdentityKind, Live, Outbound, OutboundMessage, SendError, SendReceipt,
 };
 
 use crate::config::SocialConfig;
@@ -21,7 +21,7 @@ use crate::whatsapp::is_throttle_code;
 /// Telegram) over every account of it.
 pub struct SocialOutbound {
     channel: Channel,
-    cfg: Arc<SocialConfig>,
+    live: Arc<Live<SocialConfig>>,
     client: reqwest::Client,
     state: Arc<State>,
 }
@@ -30,13 +30,13 @@ impl SocialOutbound {
     /// The sending side of `channel`.
     pub fn new(
         channel: Channel,
-        cfg: Arc<SocialConfig>,
+        live: Arc<Live<SocialConfig>>,
         client: reqwest::Client,
         state: Arc<State>,
     ) -> Self {
         SocialOutbound {
             channel,
-            cfg,
+            live,
             client,
             state,
         }
@@ -112,7 +112,8 @@ pub fn classify_graph_error(status: u16, body: &Value, advised: Option<Duration>
 
 impl SocialOutbound {
     async fn post_graph(&self, url: String, token: &str, body: &Value) -> Result<Value, SendError> {
-        let timeout = self.cfg.meta.timeout;
+        let cfg = self.live.get();
+        let timeout = cfg.meta.timeout;
         let resp = self
             .client
             .post(url)
@@ -167,7 +168,8 @@ impl SocialOutbound {
     }
 
     async fn send_whatsapp(&self, msg: &OutboundMessage) -> Result<SendReceipt, SendError> {
-        let a = self.cfg.whatsapp_account(&msg.account).ok_or_else(|| {
+        let cfg = self.live.get();
+        let a = cfg.whatsapp_account(&msg.account).ok_or_else(|| {
             SendError::NotConfigured(format!(
                 "whatsapp account {:?} is not configured",
                 msg.account
@@ -234,7 +236,7 @@ impl SocialOutbound {
         }
         let url = format!(
             "{}/{}/{}/messages",
-            self.cfg.meta.graph_api_base, self.cfg.meta.graph_api_version, a.phone_number_id
+            cfg.meta.graph_api_base, cfg.meta.graph_api_version, a.phone_number_id
         );
         let answer = self.post_graph(url, a.access_token.expose(), &body).await?;
         let id = answer["messages"][0]["id"]
@@ -252,9 +254,10 @@ impl SocialOutbound {
     }
 
     async fn send_page(&self, msg: &OutboundMessage) -> Result<SendReceipt, SendError> {
+        let cfg = self.live.get();
         let (url, token, account, instagram) = match self.channel {
             Channel::Messenger => {
-                let a = self.cfg.messenger_account(&msg.account).ok_or_else(|| {
+                let a = cfg.messenger_account(&msg.account).ok_or_else(|| {
                     SendError::NotConfigured(format!(
                         "messenger page {:?} is not configured",
                         msg.account
@@ -263,7 +266,7 @@ impl SocialOutbound {
                 (
                     format!(
                         "{}/{}/me/messages",
-                        self.cfg.meta.graph_api_base, self.cfg.meta.graph_api_version
+                        cfg.meta.graph_api_base, cfg.meta.graph_api_version
                     ),
                     a.access_token.expose().to_owned(),
                     a.page_id.clone(),
@@ -271,7 +274,7 @@ impl SocialOutbound {
                 )
             }
             _ => {
-                let a = self.cfg.instagram_account(&msg.account).ok_or_else(|| {
+                let a = cfg.instagram_account(&msg.account).ok_or_else(|| {
                     SendError::NotConfigured(format!(
                         "instagram account {:?} is not configured",
                         msg.account
@@ -280,7 +283,7 @@ impl SocialOutbound {
                 (
                     format!(
                         "{}/{}/{}/messages",
-                        a.api_base, self.cfg.meta.graph_api_version, a.account_id
+                        a.api_base, cfg.meta.graph_api_version, a.account_id
                     ),
                     a.access_token.expose().to_owned(),
                     a.account_id.clone(),
@@ -345,7 +348,8 @@ impl SocialOutbound {
     }
 
     async fn send_telegram(&self, msg: &OutboundMessage) -> Result<SendReceipt, SendError> {
-        let a = self.cfg.telegram_account(&msg.account).ok_or_else(|| {
+        let cfg = self.live.get();
+        let a = cfg.telegram_account(&msg.account).ok_or_else(|| {
             SendError::NotConfigured(format!("telegram bot {:?} is not configured", msg.account))
         })?;
         let chat = msg.to.value.clone();
@@ -471,6 +475,7 @@ impl Outbound for SocialOutbound {
     }
 
     fn sender(&self, account: &str) -> Result<Identity, SendError> {
+        let cfg = self.live.get();
         let missing = || {
             SendError::NotConfigured(format!(
                 "{} account {account:?} is not configured",
@@ -480,32 +485,28 @@ impl Outbound for SocialOutbound {
         let (kind, value) = match self.channel {
             Channel::Whatsapp => (
                 IdentityKind::Whatsapp,
-                self.cfg
-                    .whatsapp_account(account)
+                cfg.whatsapp_account(account)
                     .ok_or_else(missing)?
                     .number
                     .clone(),
             ),
             Channel::Messenger => (
                 IdentityKind::MessengerPsid,
-                self.cfg
-                    .messenger_account(account)
+                cfg.messenger_account(account)
                     .ok_or_else(missing)?
                     .page_id
                     .clone(),
             ),
             Channel::Instagram => (
                 IdentityKind::InstagramIgsid,
-                self.cfg
-                    .instagram_account(account)
+                cfg.instagram_account(account)
                     .ok_or_else(missing)?
                     .account_id
                     .clone(),
             ),
             _ => (
                 IdentityKind::TelegramUser,
-                self.cfg
-                    .telegram_account(account)
+                cfg.telegram_account(account)
                     .ok_or_else(missing)?
                     .bot_id
                     .clone(),
@@ -515,12 +516,13 @@ impl Outbound for SocialOutbound {
     }
 
     fn default_account(&self) -> Option<String> {
+        let cfg = self.live.get();
         // The only account of the channel, when there is exactly one.
         match self.channel {
-            Channel::Whatsapp => only(self.cfg.whatsapp.values().map(|a| a.number.clone())),
-            Channel::Messenger => only(self.cfg.messenger.values().map(|a| a.page_id.clone())),
-            Channel::Instagram => only(self.cfg.instagram.values().map(|a| a.account_id.clone())),
-            _ => only(self.cfg.telegram.values().map(|a| a.bot_id.clone())),
+            Channel::Whatsapp => only(cfg.whatsapp.values().map(|a| a.number.clone())),
+            Channel::Messenger => only(cfg.messenger.values().map(|a| a.page_id.clone())),
+            Channel::Instagram => only(cfg.instagram.values().map(|a| a.account_id.clone())),
+            _ => only(cfg.telegram.values().map(|a| a.bot_id.clone())),
         }
     }
 

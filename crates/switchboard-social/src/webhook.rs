@@ -57,7 +57,8 @@ async fn meta_verify(
     State(hook): State<Arc<Hook>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(token) = &hook.social.cfg.meta.verify_token else {
+    let cfg = hook.social.config();
+    let Some(token) = &cfg.meta.verify_token else {
         hook.count("meta", "handshake_refused");
         return error(StatusCode::FORBIDDEN, "no verify_token is configured", None);
     };
@@ -85,7 +86,8 @@ async fn meta_verify(
 }
 
 async fn meta_post(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Bytes) -> Response {
-    let m = &hook.social.cfg.meta;
+    let cfg = hook.social.config();
+    let m = &cfg.meta;
     if m.verify_signatures {
         let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
         let ok = m.app_secret.as_ref().is_some_and(|secret| {
@@ -117,7 +119,8 @@ async fn telegram_post(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(account) = hook.social.cfg.telegram.get(&bot) else {
+    let cfg = hook.social.config();
+    let Some(account) = cfg.telegram.get(&bot) else {
         hook.count("telegram", "unknown_account");
         return error(
             StatusCode::NOT_FOUND,
@@ -328,7 +331,8 @@ impl SocialChannel {
     }
 
     async fn fetch_whatsapp_media(&self, env: &mut Envelope) {
-        let Some(account) = self.cfg.whatsapp_account(&env.account) else {
+        let cfg = self.config();
+        let Some(account) = cfg.whatsapp_account(&env.account) else {
             if !env.attachments.is_empty() {
                 tracing::warn!(account = %env.account, "whatsapp media of an unconfigured number kept as ids");
             }
@@ -345,18 +349,18 @@ impl SocialChannel {
             };
             let graph = format!(
                 "{}/{}/{media_id}",
-                self.cfg.meta.graph_api_base, self.cfg.meta.graph_api_version
+                cfg.meta.graph_api_base, cfg.meta.graph_api_version
             );
             match media::fetch_whatsapp(
                 &self.client,
                 &self.media,
-                &self.cfg.meta.graph_api_base,
-                &self.cfg.meta.graph_api_version,
+                &cfg.meta.graph_api_base,
+                &cfg.meta.graph_api_version,
                 &media_id,
                 &account.access_token,
                 a.sha256.as_deref(),
-                self.cfg.max_media_bytes,
-                self.cfg.media_timeout,
+                cfg.max_media_bytes,
+                cfg.media_timeout,
             )
             .await
             {

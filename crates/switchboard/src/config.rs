@@ -56,6 +56,10 @@ pub struct RawConfig {
     pub shutdown: RawShutdown,
     /// Service levels.
     pub service_levels: RawServiceLevels,
+    /// Every key as loaded (`section.key` → its value as JSON, lists as one
+    /// value), after all layers: what a reload compares.
+    #[serde(skip)]
+    pub keys: BTreeMap<String, String>,
 }
 
 /// `[http]`.
@@ -418,9 +422,34 @@ pub fn load(
     let merged = builder
         .build()
         .map_err(|e| ConfigError::Load(e.to_string()))?;
-    merged
+    let tree = merged
+        .clone()
+        .try_deserialize::<serde_json::Value>()
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    let mut raw = merged
         .try_deserialize::<RawConfig>()
-        .map_err(|e| ConfigError::Load(e.to_string()))
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    flatten("", &tree, &mut raw.keys);
+    Ok(raw)
+}
+
+/// `a.b.c` → value, lists kept whole.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_owned(), other.to_string());
+        }
+    }
 }
 
 /// Parses "30s", "15m", "24h", "7d", "250ms".

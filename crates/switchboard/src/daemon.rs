@@ -77,6 +77,7 @@ pub async fn run(cfg: Config, reloader: Option<crate::reload::Reloader>) -> anyh
 
     let registry = Registry::new();
     let router_metrics = RouterMetrics::register(&registry)?;
+    let store_latency = router_metrics.store_latency();
     let http_metrics = http::HttpMetrics::register(&registry)?;
     let router = Router::new(cfg.policy.clone(), topics.events.clone())
         .with_delivery_topic(topics.delivery.clone())
@@ -149,7 +150,7 @@ pub async fn run(cfg: Config, reloader: Option<crate::reload::Reloader>) -> anyh
         topics.clone(),
         adapters,
         cfg.dispatch.clone(),
-        DispatchMetrics::register(&registry)?,
+        DispatchMetrics::register(&registry)?.with_store_latency(store_latency),
         pipeline.outbox(),
     ));
 
@@ -163,6 +164,10 @@ pub async fn run(cfg: Config, reloader: Option<crate::reload::Reloader>) -> anyh
             .map(|p| (p.account().to_owned(), p.mailbox().to_owned(), p.stats()))
             .collect(),
     )?))?;
+    let imap_credentials: Vec<_> = email_pollers
+        .iter()
+        .map(|p| (p.account_name().to_owned(), p.credentials()))
+        .collect();
     let email_tasks: Vec<_> = email_pollers
         .into_iter()
         .map(|p| tokio::spawn(p.run(stop_rx.clone())))
@@ -243,9 +248,14 @@ pub async fn run(cfg: Config, reloader: Option<crate::reload::Reloader>) -> anyh
     let hup = reloader.map(|r| {
         tokio::spawn(reload_on_sighup(
             r,
-            Arc::clone(&state),
-            router.clone(),
-            Arc::clone(&dispatcher),
+            crate::reload::Running {
+                state: Arc::clone(&state),
+                router: router.clone(),
+                dispatcher: Arc::clone(&dispatcher),
+                sms: sms.clone(),
+                social: social.clone(),
+                imap: imap_credentials,
+            },
         ))
     });
     crate::notify::ready();
@@ -583,12 +593,7 @@ fn consumed(topics: &switchboard_core::Topics, rekey: bool) -> Vec<(String, Stri
 }
 
 /// Reloads on every SIGHUP, logging what was applied or why nothing was.
-async fn reload_on_sighup(
-    mut reloader: crate::reload::Reloader,
-    state: Arc<http::AppState>,
-    router: Router,
-    dispatcher: Arc<Dispatcher>,
-) {
+async fn reload_on_sighup(mut reloader: crate::reload::Reloader, running: crate::reload::Running) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -598,7 +603,7 @@ async fn reload_on_sighup(
         }
     };
     while hup.recv().await.is_some() {
-        match reloader.reload(&state, &router, &dispatcher) {
+        match reloader.reload(&running) {
             Ok(applied) => tracing::info!(%applied, "configuration reloaded"),
             Err(reason) => tracing::error!(%reason, "configuration reload refused"),
         }

@@ -1,13 +1,24 @@
 //! SIGHUP: the daemon re-reads its configuration (the same file, environment
 //! and flags as at start) and applies what is safe to change while it runs:
 //! `log.level`, the threading windows (`[threading.*]`), the API tokens
-//! (`http.tokens`, `http.tokens_file`) and the api channel's accounts (URLs,
-//! HMAC secrets, timeouts). When anything else changed, the whole reload is
-//! refused, naming those keys: they need a restart. A reload is never
-//! half-applied, and a configuration that does not validate changes nothing.
+//! (`http.tokens`, `http.tokens_file`), the api channel's accounts (URLs,
+//! HMAC secrets, timeouts), and the channels' credentials: SMS auth tokens
+//! and API and signature secrets, the Meta app secret and verify token,
+//! WhatsApp, Messenger and Instagram access tokens, Telegram bot and secret
+//! tokens, IMAP and SMTP passwords and OAuth tokens (see [`CREDENTIALS`]),
+//! written inline or in their `*_file`s, which are read again. When any
+//! other key changed, the whole reload is refused, naming those keys: they
+//! need a restart. A reload is never half-applied, and a configuration that
+//! does not validate changes nothing.
+//!
+//! What a swap means for work under way: a webhook, a send or a poll that
+//! started keeps the credentials it started with; the next uses the new.
+//! An IMAP session already logged in carries on; the new password is used
+//! at its next login.
 
 use std::sync::Arc;
 
+use switchboard_core::Live;
 use switchboard_router::{Dispatcher, Router};
 
 use crate::config::{Config, RawConfig};
@@ -30,54 +41,79 @@ pub struct Reloader {
     pub log: Option<LogHandle>,
 }
 
-/// The sections that cannot change without a restart, with their keys: a
-/// difference in any of them refuses the reload. Compared in full (secrets
-/// included, never printed).
-fn fixed(raw: &RawConfig) -> Vec<(&'static str, String)> {
-    vec![
-        ("version", format!("{:?}", raw.version)),
-        ("data_dir", format!("{:?}", raw.data_dir)),
-        ("http.listen", format!("{:?}", raw.http.listen)),
-        (
-            "http.max_body_bytes",
-            format!("{:?}", raw.http.max_body_bytes),
-        ),
-        (
-            "http.publish_timeout",
-            format!("{:?}", raw.http.publish_timeout),
-        ),
-        ("bus", format!("{:?}", raw.bus)),
-        ("store", format!("{:?}", raw.store)),
-        ("router", format!("{:?}", raw.router)),
-        ("outbound", format!("{:?}", raw.outbound)),
-        ("channels.sms", format!("{:?}", raw.channels.sms)),
-        ("channels.email", format!("{:?}", raw.channels.email)),
-        ("channels.social", format!("{:?}", raw.channels.social)),
-        ("log.format", format!("{:?}", raw.log.format)),
-        ("shutdown", format!("{:?}", raw.shutdown)),
-        ("service_levels", format!("{:?}", raw.service_levels)),
-    ]
+/// The running parts whose settings a reload swaps.
+pub struct Running {
+    /// The HTTP state (API tokens).
+    pub state: Arc<AppState>,
+    /// The router (threading windows).
+    pub router: Router,
+    /// The dispatcher (the api channel and SMTP senders are replaced).
+    pub dispatcher: Arc<Dispatcher>,
+    /// The SMS channel, when configured.
+    pub sms: Option<Arc<switchboard_sms::SmsChannel>>,
+    /// The social channel, when configured.
+    pub social: Option<Arc<switchboard_social::SocialChannel>>,
+    /// The IMAP pollers' credentials, by account name.
+    pub imap: Vec<(String, Arc<Live<switchboard_email::config::Auth>>)>,
 }
 
-/// The keys that changed between `old` and `new` and need a restart.
-pub fn needs_restart(old: &RawConfig, new: &RawConfig) -> Vec<&'static str> {
-    fixed(old)
-        .into_iter()
-        .zip(fixed(new))
-        .filter(|((_, a), (_, b))| a != b)
-        .map(|((k, _), _)| k)
+/// The last part of a channel key that names a credential: these may
+/// change on reload under `channels.sms`, `channels.email` and
+/// `channels.social`.
+pub const CREDENTIALS: &[&str] = &[
+    "auth_token",
+    "auth_token_file",
+    "api_secret",
+    "api_secret_file",
+    "signature_secret",
+    "signature_secret_file",
+    "app_secret",
+    "app_secret_file",
+    "verify_token",
+    "verify_token_file",
+    "access_token",
+    "access_token_file",
+    "bot_token",
+    "bot_token_file",
+    "secret_token",
+    "secret_token_file",
+    "password",
+    "password_file",
+];
+
+/// Whether a change of `key` can be applied without a restart.
+fn reloadable(key: &str) -> bool {
+    let credential = ["channels.sms.", "channels.email.", "channels.social."]
+        .iter()
+        .any(|p| key.starts_with(p))
+        && key
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| CREDENTIALS.contains(&last));
+    credential
+        || key == "log.level"
+        || key.starts_with("threading.")
+        || key == "http.tokens"
+        || key == "http.tokens_file"
+        || key.starts_with("channels.api.")
+}
+
+/// The keys that changed between `old` and `new` (added, removed or with
+/// another value) and need a restart. Values are compared, never printed.
+pub fn needs_restart(old: &RawConfig, new: &RawConfig) -> Vec<String> {
+    let mut keys: Vec<&String> = old.keys.keys().chain(new.keys.keys()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| old.keys.get(*k) != new.keys.get(*k) && !reloadable(k))
+        .cloned()
         .collect()
 }
 
 impl Reloader {
     /// Re-reads the configuration and applies it, or refuses. Returns what
     /// it did, for the log.
-    pub fn reload(
-        &mut self,
-        state: &AppState,
-        router: &Router,
-        dispatcher: &Dispatcher,
-    ) -> Result<String, String> {
+    pub fn reload(&mut self, running: &Running) -> Result<String, String> {
         let (raw, cfg) = (self.load)().map_err(|e| format!("the configuration is invalid: {e}"))?;
         let fixed = needs_restart(&self.started_with, &raw);
         if !fixed.is_empty() {
@@ -88,21 +124,89 @@ impl Reloader {
         }
         // Built before anything is swapped, so a failure changes nothing.
         let api = crate::daemon::api_channel(&cfg).map_err(|e| format!("{e:#}"))?;
+        let smtp = switchboard_email::SmtpOutbound::from_config(&cfg.email)
+            .map_err(|e| format!("channels.email: {e}"))?;
         let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
             .map_err(|e| format!("log.level: {e}"))?;
         if let Some(log) = &self.log {
             log.reload(filter)
                 .map_err(|e| format!("cannot swap the log filter: {e}"))?;
         }
-        router.set_policy(cfg.policy.clone());
-        state.set_tokens(cfg.tokens.clone());
-        dispatcher.replace_adapters(vec![Arc::new(api)]);
+        running.router.set_policy(cfg.policy.clone());
+        running.state.set_tokens(cfg.tokens.clone());
+        let mut adapters: Vec<Arc<dyn switchboard_core::Outbound>> = vec![Arc::new(api)];
+        adapters.extend(smtp.map(|s| Arc::new(s) as Arc<dyn switchboard_core::Outbound>));
+        running.dispatcher.replace_adapters(adapters);
+        let mut channels = Vec::new();
+        if let Some(sms) = &running.sms {
+            sms.reload(cfg.sms.clone());
+            channels.push("sms");
+        }
+        if let (Some(social), Some(social_cfg)) = (&running.social, &cfg.social) {
+            social.reload(social_cfg.clone());
+            channels.push("social");
+        }
+        for (name, auth) in &running.imap {
+            if let Some(imap) = cfg
+                .email
+                .accounts
+                .iter()
+                .find(|a| &a.name == name)
+                .and_then(|a| a.imap.as_ref())
+            {
+                auth.set(imap.auth.clone());
+            }
+        }
+        if !cfg.email.accounts.is_empty() {
+            channels.push("email");
+        }
         self.started_with = raw;
         Ok(format!(
-            "log level {:?}, threading windows, {} api token(s), {} api account(s)",
+            "log level {:?}, threading windows, {} api token(s), {} api account(s), credentials of channels [{}]",
             cfg.log_level,
             cfg.tokens.len(),
-            cfg.api_accounts.len()
+            cfg.api_accounts.len(),
+            channels.join(", ")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reloadable;
+
+    #[test]
+    fn credentials_reload_and_the_rest_needs_a_restart() {
+        for key in [
+            "log.level",
+            "threading.sms.inactivity",
+            "http.tokens",
+            "http.tokens_file",
+            "channels.api.accounts.crm.secret",
+            "channels.sms.accounts.main.auth_token",
+            "channels.sms.accounts.eu.signature_secret_file",
+            "channels.social.meta.app_secret",
+            "channels.social.whatsapp.main.access_token_file",
+            "channels.social.telegram.bot.bot_token",
+            "channels.email.accounts.support.imap.password",
+            "channels.email.accounts.support.smtp.password_file",
+        ] {
+            assert!(reloadable(key), "{key} should reload");
+        }
+        for key in [
+            "http.listen",
+            "log.format",
+            "bus.backend",
+            "store.postgres.url",
+            "channels.sms.accounts.main.number",
+            "channels.sms.accounts.main.api_base",
+            "channels.social.whatsapp.main.phone_number_id",
+            "channels.email.accounts.support.imap.host",
+            "channels.email.accounts.support.imap.username",
+            // A credential's name outside the channels is not a credential.
+            "bus.kafka.options.password",
+        ] {
+            assert!(!reloadable(key), "{key} should need a restart");
+        }
     }
 }
