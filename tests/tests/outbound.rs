@@ -641,7 +641,12 @@ async fn reply_is_sent_once_signed_and_tracked_on(backend: Backend) {
     assert_eq!(counts, [("channel=\"api\"".to_owned(), 1.0)], "{metrics}");
     // Store latency: the router's and the dispatcher's transactions.
     let store = metric_samples(&metrics, "switchboard_store_seconds_count");
-    for op in ["route_inbound", "outbox_read", "dispatch_prepare", "dispatch_record"] {
+    for op in [
+        "route_inbound",
+        "outbox_read",
+        "dispatch_prepare",
+        "dispatch_record",
+    ] {
         let n = store
             .iter()
             .find(|(labels, _)| labels == &format!("op=\"{op}\""))

@@ -343,6 +343,15 @@ async fn a_messenger_echo_of_our_reply_does_not_duplicate_it() {
         msgs.iter()
             .all(|m| m["direction"] != "inbound" || m["text"] == "is my order shipped?")
     );
+
+    // A read watermark names no message: the router finds our sends to
+    // the customer up to it in the shared history (any instance can).
+    let later = chrono::Utc::now().timestamp_millis() + 1000;
+    let read = json!({"object": "page", "entry": [{"id": PAGE, "time": later, "messaging": [
+        {"sender": {"id": PSID}, "recipient": {"id": PAGE}, "timestamp": later, "read": {"watermark": later}}]}]});
+    let (st, body) = post_meta(&api, &read).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    wait_status(&api, &identity, &message_id, "read").await;
 }
 
 /// Edits, reactions and deletions change the stored message, keeping its

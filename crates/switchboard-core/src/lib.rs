@@ -171,13 +171,36 @@ pub fn decode_outbound(bytes: &[u8]) -> Result<OutboundRequest, DecodeError> {
 /// Decodes a command.
 pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
     let cmd: Command = decode(bytes, records::CommandSchema::NAME)?;
-    if let CommandKind::MessageStatus { status, .. } = &cmd.kind
+    if let CommandKind::MessageStatus { status, .. } | CommandKind::ProviderStatus { status, .. } =
+        &cmd.kind
         && matches!(status, DeliveryState::Queued | DeliveryState::Sent)
     {
         return Err(DecodeError::Invalid {
             field: "status".into(),
             reason: "a reported status is delivered, read or failed".into(),
         });
+    }
+    if let CommandKind::ProviderStatus {
+        provider_message_ids,
+        recipient,
+        read_up_to,
+        status,
+        ..
+    } = &cmd.kind
+    {
+        let watermark = recipient.is_some() && read_up_to.is_some();
+        if provider_message_ids.is_empty() && !watermark {
+            return Err(DecodeError::Invalid {
+                field: "provider_message_ids".into(),
+                reason: "name the messages, or give recipient and read_up_to".into(),
+            });
+        }
+        if read_up_to.is_some() && *status != DeliveryState::Read {
+            return Err(DecodeError::Invalid {
+                field: "read_up_to".into(),
+                reason: "a watermark reports `read`".into(),
+            });
+        }
     }
     Ok(cmd)
 }

@@ -48,8 +48,9 @@ pub struct OutboundMessage {
     pub thread: ThreadRefs,
 }
 
-/// The Message-IDs an email reply names so that the customer's client
-/// threads it. Ids are kept without angle brackets.
+/// Where a reply goes within its channel: the Message-IDs an email reply
+/// names so that the customer's client threads it (kept without angle
+/// brackets), and the provider's thread of a group conversation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ThreadRefs {
     /// The message answered: the customer's latest message in the
@@ -57,6 +58,10 @@ pub struct ThreadRefs {
     pub in_reply_to: Option<String>,
     /// The conversation's Message-IDs, oldest first (References).
     pub references: Vec<String>,
+    /// The provider thread the customer last wrote in, on channels where a
+    /// conversation can live in a group (Telegram: `chat_id` or
+    /// `chat_id/topic_id`); `None` for a private chat.
+    pub provider_thread_id: Option<String>,
 }
 
 /// What the provider said on success.

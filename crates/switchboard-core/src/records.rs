@@ -473,6 +473,33 @@ pub enum CommandKind {
         #[serde(default)]
         error: Option<DeliveryError>,
     },
+    /// A later status of messages we sent, named by the provider's ids (or,
+    /// for a read receipt, by its recipient and a time), as platforms report
+    /// them without our id (Messenger and Instagram `delivery`/`read`).
+    /// Resolved against the shared history, so any instance can take it;
+    /// ids that name no message of ours are skipped.
+    #[serde(rename = "message.provider_status")]
+    ProviderStatus {
+        /// The channel.
+        channel: Channel,
+        /// Our account on it (page id, Instagram account id).
+        account: String,
+        /// `delivered`, `read` or `failed`.
+        status: DeliveryState,
+        /// The provider's ids of the messages.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        provider_message_ids: Vec<String>,
+        /// With `read_up_to`: every message we sent to this recipient on
+        /// the account up to that time.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recipient: Option<Identity>,
+        /// A read watermark.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        read_up_to: Option<DateTime<Utc>>,
+        /// Why, for `failed`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<DeliveryError>,
+    },
     /// Erase a customer's messages and identities, leaving a tombstone.
     #[serde(rename = "customer.erase")]
     CustomerErase {
@@ -511,6 +538,18 @@ impl Command {
             | CommandKind::ConversationReopen { conversation_id } => conversation_id.to_string(),
             CommandKind::CustomerErase { customer_id } => customer_id.to_string(),
             CommandKind::MessageStatus { message_id, .. } => message_id.to_string(),
+            CommandKind::ProviderStatus {
+                recipient: Some(r), ..
+            } => r.key(),
+            CommandKind::ProviderStatus {
+                channel,
+                account,
+                provider_message_ids,
+                ..
+            } => format!(
+                "{channel}:{account}:{}",
+                provider_message_ids.first().map_or("", String::as_str)
+            ),
         }
     }
 }

@@ -342,6 +342,7 @@ mod tests {
             thread: ThreadRefs {
                 in_reply_to: Some("m2@example.org".into()),
                 references: vec!["m1@example.org".into(), "m2@example.org".into()],
+                provider_thread_id: None,
             },
         }
     }

@@ -716,6 +716,7 @@ fn thread_refs(newest_first: Vec<(Direction, String)>, own: Option<&str>) -> Thr
     ThreadRefs {
         in_reply_to,
         references,
+        provider_thread_id: None,
     }
 }
 
@@ -951,7 +952,12 @@ impl PrepareCtx {
                 tx.thread_message_ids(c.id, THREAD_REFS)?,
                 wire_id.as_deref(),
             ),
-            _ => ThreadRefs::default(),
+            // A conversation held in a group (Telegram) is answered there.
+            Some(c) => ThreadRefs {
+                provider_thread_id: tx.latest_provider_thread(c.id, channel)?,
+                ..ThreadRefs::default()
+            },
+            None => ThreadRefs::default(),
         };
         let env = Envelope {
             schema: EnvelopeSchema::V1,
@@ -1098,7 +1104,11 @@ impl PrepareCtx {
                 own.as_deref(),
             )
         } else {
-            ThreadRefs::default()
+            ThreadRefs {
+                provider_thread_id: tx
+                    .latest_provider_thread(record.conversation_id, record.channel)?,
+                ..ThreadRefs::default()
+            }
         };
         tracing::warn!(
             key = %record.idempotency_key, message_id = %record.message_id, channel = %record.channel,

@@ -314,6 +314,38 @@ impl Router {
         self.push_delivery(tx, delivery)
     }
 
+    /// A status a provider reported for one of our sends: `delivery.v1` and
+    /// the message's status.
+    fn report_status(
+        &self,
+        tx: &mut dyn Tx,
+        record: &switchboard_store::OutboundRecord,
+        status: switchboard_core::DeliveryState,
+        provider_message_id: &Option<String>,
+        error: &Option<switchboard_core::DeliveryError>,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), RouteError> {
+        let delivery = switchboard_core::Delivery {
+            schema: switchboard_core::records::DeliverySchema::V1,
+            id: Uuid::now_v7(),
+            message_id: record.message_id,
+            conversation_id: record.conversation_id,
+            idempotency_key: record.idempotency_key.clone(),
+            channel: record.channel,
+            status,
+            at,
+            provider_message_id: provider_message_id
+                .clone()
+                .or(record.provider_message_id.clone()),
+            attempt: None,
+            error: error.clone(),
+            segments: None,
+        };
+        // The event always goes out; the stored status only moves forward
+        // (a late "delivered" does not undo "read").
+        self.emit_delivery(tx, &delivery)
+    }
+
     /// Writes a delivery status to the outbox without touching the message.
     fn push_delivery(
         &self,
@@ -336,6 +368,18 @@ impl Router {
             return self.route_change(tx, env, change);
         }
         if let Some(found) = tx.message_by_key(&env.idempotency_key)? {
+            return Ok(Routed::Duplicate {
+                message_id: found.id,
+                conversation_id: found.conversation_id,
+            });
+        }
+        // A platform's echo of a message we sent (Instagram echoes carry no
+        // metadata of ours) names the provider id our send recorded.
+        if env.direction == Direction::Outbound
+            && env.provider != "switchboard"
+            && let Some(mid) = &env.thread_hints.message_id
+            && let Some(found) = tx.message_by_provider_id(env.channel, &env.account, mid)?
+        {
             return Ok(Routed::Duplicate {
                 message_id: found.id,
                 conversation_id: found.conversation_id,
@@ -810,25 +854,42 @@ impl Router {
                 let record = tx.outbound_by_message(*message_id)?.ok_or_else(|| {
                     RouteError::Rejected(format!("no outbound message {message_id}"))
                 })?;
-                let delivery = switchboard_core::Delivery {
-                    schema: switchboard_core::records::DeliverySchema::V1,
-                    id: Uuid::now_v7(),
-                    message_id: *message_id,
-                    conversation_id: record.conversation_id,
-                    idempotency_key: record.idempotency_key.clone(),
-                    channel: record.channel,
-                    status: *status,
-                    at: cmd.at,
-                    provider_message_id: provider_message_id
-                        .clone()
-                        .or(record.provider_message_id.clone()),
-                    attempt: None,
-                    error: error.clone(),
-                    segments: None,
-                };
-                // The event always goes out; the stored status only moves
-                // forward (a late "delivered" does not undo "read").
-                self.emit_delivery(tx, &delivery)?;
+                self.report_status(tx, &record, *status, provider_message_id, error, cmd.at)?;
+            }
+            CommandKind::ProviderStatus {
+                channel,
+                account,
+                status,
+                provider_message_ids,
+                recipient,
+                read_up_to,
+                error,
+            } => {
+                // Resolved against the shared history, so whichever
+                // instance sent the message, any instance can take its
+                // status. Ids naming no send of ours (a message sent from
+                // the platform's own inbox) are skipped.
+                let mut ids = Vec::new();
+                for pid in provider_message_ids {
+                    match tx.message_by_provider_id(*channel, account, pid)? {
+                        Some(found) => ids.push((found.id, Some(pid.clone()))),
+                        None => tracing::debug!(
+                            %channel, %account, provider_message_id = %pid,
+                            "status of a message we did not send; skipped"
+                        ),
+                    }
+                }
+                if let (Some(to), Some(up_to)) = (recipient, read_up_to) {
+                    let up_to = millis(*up_to);
+                    for id in tx.sent_unread_up_to(*channel, account, to, up_to, 1000)? {
+                        ids.push((id, None));
+                    }
+                }
+                for (id, pid) in ids {
+                    if let Some(record) = tx.outbound_by_message(id)? {
+                        self.report_status(tx, &record, *status, &pid, error, cmd.at)?;
+                    }
+                }
             }
             CommandKind::CustomerErase { customer_id } => {
                 let Some(id) = tx.resolve_customer(*customer_id)? else {

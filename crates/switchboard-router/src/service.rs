@@ -708,5 +708,6 @@ fn command_name(cmd: &Command) -> &'static str {
         ConversationReopen { .. } => "conversation.reopen",
         CustomerErase { .. } => "customer.erase",
         MessageStatus { .. } => "message.status",
+        ProviderStatus { .. } => "message.provider_status",
     }
 }

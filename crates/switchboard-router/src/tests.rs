@@ -9,7 +9,8 @@ use chrono::{DateTime, Duration, Utc};
 use switchboard_core::envelope::EnvelopeSchema;
 use switchboard_core::records::CommandSchema;
 use switchboard_core::{
-    Channel, Command, CommandKind, Direction, Envelope, Identity, ThreadHints, ThreadRule, Trace,
+    Channel, Command, CommandKind, DeliveryState, Direction, Envelope, Identity, ThreadHints,
+    ThreadRule, Trace,
 };
 use switchboard_store::{PgTestSchema, SqliteStore, Store};
 use uuid::Uuid;
@@ -949,4 +950,119 @@ fn changes_table_on(backend: Backend) {
             assert_eq!(kept.last().unwrap().previous_text, "edited", "{case}");
         }
     }
+}
+
+#[test]
+fn provider_statuses_and_echoes_resolve_against_the_history() {
+    provider_statuses_and_echoes_on(Backend::Sqlite);
+}
+
+#[test]
+fn provider_statuses_and_echoes_resolve_against_the_history_postgres() {
+    provider_statuses_and_echoes_on(Backend::Postgres);
+}
+
+/// `message.provider_status` names our sends by the provider's ids or by
+/// recipient and read watermark; an echo naming a provider id our send
+/// recorded is a duplicate.
+fn provider_statuses_and_echoes_on(backend: Backend) {
+    let Some(mut h) = Harness::on(backend, "provider_statuses") else {
+        return;
+    };
+    let a = m("a", Channel::Whatsapp, ADA_WA, 0.0);
+    let env = h.envelope(&a);
+    h.deliver("a", &env);
+    h.sent.insert("a", env);
+    // Two sends, recorded sent at 1 h and 2 h with provider ids.
+    let mut ours = Vec::new();
+    for (i, (label, hours, pid)) in [("o1", 1.0, "wamid.O1"), ("o2", 2.0, "wamid.O2")]
+        .into_iter()
+        .enumerate()
+    {
+        let o = h.envelope(&m(label, Channel::Whatsapp, ADA_WA, hours).outbound());
+        h.deliver(label, &o);
+        let mut tx = h.store.begin().unwrap();
+        tx.put_outbound(
+            &switchboard_store::OutboundRecord {
+                idempotency_key: format!("req-{i}"),
+                message_id: o.id,
+                conversation_id: h.routed[label].0,
+                customer_id: h.routed[label].1,
+                channel: Channel::Whatsapp,
+                account: SMS_NUMBER.into(),
+                to: Identity::parse(ADA_WA).unwrap(),
+                state: switchboard_store::OutboundState::Sent,
+                attempts: 1,
+                provider_message_id: Some(pid.into()),
+                error: None,
+                created_at: h.at(hours).timestamp_millis(),
+                updated_at: h.at(hours).timestamp_millis(),
+            },
+            "{}",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        ours.push(o);
+    }
+    let status_of = |h: &Harness, id: Uuid| {
+        let (_, msgs) = h.store.conversation(h.conv("a")).unwrap().unwrap();
+        msgs.into_iter()
+            .find(|m| m.id == id)
+            .and_then(|m| m.status)
+            .unwrap_or_default()
+    };
+    let status =
+        |status, ids: &[&str], watermark: Option<f64>, h: &Harness| CommandKind::ProviderStatus {
+            channel: Channel::Whatsapp,
+            account: SMS_NUMBER.into(),
+            status,
+            provider_message_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+            recipient: watermark.map(|_| Identity::parse(ADA_WA).unwrap()),
+            read_up_to: watermark.map(|w| h.at(w)),
+            error: None,
+        };
+    // By id: delivered; an unknown id is skipped, not refused.
+    let cmd = status(
+        DeliveryState::Delivered,
+        &["wamid.O2", "wamid.NOPE"],
+        None,
+        &h,
+    );
+    h.command(cmd, 3.0);
+    assert_eq!(status_of(&h, ours[1].id), "delivered");
+    assert_eq!(status_of(&h, ours[0].id), "sent");
+    // A read watermark at 1.5 h covers the first send only.
+    let cmd = status(DeliveryState::Read, &[], Some(1.5), &h);
+    h.command(cmd, 3.0);
+    assert_eq!(status_of(&h, ours[0].id), "read");
+    assert_eq!(status_of(&h, ours[1].id), "delivered");
+    // One at 2.5 h covers the second; every status went to delivery.v1.
+    let cmd = status(DeliveryState::Read, &[], Some(2.5), &h);
+    h.command(cmd, 3.0);
+    assert_eq!(status_of(&h, ours[1].id), "read");
+    let deliveries = h
+        .store
+        .outbox(100)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.topic == switchboard_core::Topics::default().delivery)
+        .count();
+    assert_eq!(deliveries, 3);
+
+    // The platform's echo of our second send (no metadata): a duplicate.
+    let mut echo = h.envelope(&m("echo", Channel::Whatsapp, ADA_WA, 2.1).outbound());
+    echo.thread_hints.message_id = Some("wamid.O2".into());
+    let mut tx = h.store.begin().unwrap();
+    let routed = h.router.route(&mut *tx, &echo).unwrap();
+    tx.commit().unwrap();
+    assert!(
+        matches!(routed, Routed::Duplicate { message_id, .. } if message_id == ours[1].id),
+        "{routed:?}"
+    );
+    // An echo of a message sent elsewhere is stored.
+    echo.id = Uuid::now_v7();
+    echo.idempotency_key = "whatsapp:elsewhere".into();
+    echo.thread_hints.message_id = Some("wamid.ELSEWHERE".into());
+    let routed = h.deliver("elsewhere", &echo);
+    assert!(matches!(routed, Routed::Stored { .. }), "{routed:?}");
 }

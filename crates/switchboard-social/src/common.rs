@@ -302,6 +302,55 @@ pub fn status_command(
     }
 }
 
+/// A `message.provider_status` command for a report that names our
+/// messages only by the platform's ids, or by recipient and read watermark:
+/// the router resolves them against the shared history. Its id is derived
+/// from the report, so a redelivery is applied once.
+pub fn provider_status_command(r: &StatusReport) -> Option<Command> {
+    let state = serde_json::to_value(r.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let (ids, recipient, read_up_to, what) = match (&r.provider_message_id, r.watermark) {
+        (Some(pids), _) => (
+            pids.split(',').map(str::to_owned).collect(),
+            None,
+            None,
+            pids.clone(),
+        ),
+        (None, Some(w)) if r.status == DeliveryState::Read => {
+            let kind = match r.channel {
+                Channel::Instagram => IdentityKind::InstagramIgsid,
+                _ => IdentityKind::MessengerPsid,
+            };
+            (
+                Vec::new(),
+                Some(scoped_identity(kind, &r.recipient, r.channel.as_str())),
+                Some(w),
+                format!("{}:{}:{}", r.account, r.recipient, w.timestamp_millis()),
+            )
+        }
+        _ => return None,
+    };
+    Some(Command {
+        schema: CommandSchema::V1,
+        id: Uuid::new_v5(
+            &STATUS_NAMESPACE,
+            format!("{}:{what}:{state}", r.channel).as_bytes(),
+        ),
+        at: r.at,
+        kind: CommandKind::ProviderStatus {
+            channel: r.channel,
+            account: r.account.clone(),
+            status: r.status,
+            provider_message_ids: ids,
+            recipient,
+            read_up_to,
+            error: r.error.clone(),
+        },
+    })
+}
+
 /// Compares in time independent of where the inputs differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

@@ -27,15 +27,18 @@
 //! and downloaded with the number's token into the content-addressed
 //! attachment store (within `max_media_bytes`; a failed download leaves the
 //! Graph URL of the media); Messenger and Instagram attachment URLs are kept
-//! as they came. Statuses become `message.status` commands naming
-//! Switchboard's message id: WhatsApp echoes it in
-//! `biz_opaque_callback_data`; Messenger and Instagram statuses name mids
-//! or a read watermark, matched against the sends this instance remembers
-//! (`state_path`). Echoes of our own Messenger sends carry our request key
-//! in `metadata` (Instagram echoes are matched by mid) and are keyed as the
-//! dispatcher keyed the stored message, so they are never a second message;
-//! echoes of messages sent elsewhere (a person in the Page inbox) are
-//! recorded once as outbound. Edits, reactions and deletions are parsed
+//! as they came. A status naming Switchboard's message id (WhatsApp echoes
+//! it in `biz_opaque_callback_data`) becomes a `message.status` command;
+//! one naming only the platform's ids or a read watermark (Messenger,
+//! Instagram) becomes `message.provider_status`, which the router resolves
+//! against the shared history, so whichever instance sent the message, any
+//! instance may take its status. Echoes of our own Messenger sends carry our
+//! request key in `metadata` and are keyed as the dispatcher keyed the
+//! stored message; Instagram echoes carry none and the router recognizes
+//! the mid its send recorded; either way never a second message. Echoes of
+//! messages sent elsewhere (a person in the Page inbox) are recorded once as
+//! outbound. A reply to a Telegram group conversation goes to the group
+//! (its forum topic, or the supergroup it became). Edits, reactions and deletions are parsed
 //! ([`common::Change`]) and handed over as envelopes carrying
 //! `change` (naming the provider id of the message changed): the router
 //! changes that stored message, keeping its earlier versions, and adds none.

@@ -153,20 +153,6 @@ impl SocialOutbound {
         })
     }
 
-    fn remember(&self, account: &str, provider_id: &str, msg: &OutboundMessage) {
-        if let Err(error) = self.state.record_sent(
-            self.channel.as_str(),
-            account,
-            provider_id,
-            &msg.to.value,
-            msg.message_id,
-            &msg.idempotency_key,
-            chrono::Utc::now().timestamp_millis(),
-        ) {
-            tracing::warn!(channel = %self.channel, %error, "cannot remember a sent message; its later statuses will not be matched");
-        }
-    }
-
     async fn send_whatsapp(&self, msg: &OutboundMessage) -> Result<SendReceipt, SendError> {
         let cfg = self.live.get();
         let a = cfg.whatsapp_account(&msg.account).ok_or_else(|| {
@@ -246,7 +232,6 @@ impl SocialOutbound {
                 status: 200,
                 reason: "whatsapp answered without a message id".into(),
             })?;
-        self.remember(&a.number, &id, msg);
         Ok(SendReceipt {
             provider_message_id: Some(id),
             segments: None,
@@ -255,7 +240,7 @@ impl SocialOutbound {
 
     async fn send_page(&self, msg: &OutboundMessage) -> Result<SendReceipt, SendError> {
         let cfg = self.live.get();
-        let (url, token, account, instagram) = match self.channel {
+        let (url, token, instagram) = match self.channel {
             Channel::Messenger => {
                 let a = cfg.messenger_account(&msg.account).ok_or_else(|| {
                     SendError::NotConfigured(format!(
@@ -269,7 +254,6 @@ impl SocialOutbound {
                         cfg.meta.graph_api_base, cfg.meta.graph_api_version
                     ),
                     a.access_token.expose().to_owned(),
-                    a.page_id.clone(),
                     false,
                 )
             }
@@ -286,7 +270,6 @@ impl SocialOutbound {
                         a.api_base, cfg.meta.graph_api_version, a.account_id
                     ),
                     a.access_token.expose().to_owned(),
-                    a.account_id.clone(),
                     true,
                 )
             }
@@ -340,7 +323,6 @@ impl SocialOutbound {
                 status: 200,
                 reason: format!("{} answered without a message id", self.channel),
             })?;
-        self.remember(&account, &id, msg);
         Ok(SendReceipt {
             provider_message_id: Some(id),
             segments: None,
@@ -352,16 +334,36 @@ impl SocialOutbound {
         let a = cfg.telegram_account(&msg.account).ok_or_else(|| {
             SendError::NotConfigured(format!("telegram bot {:?} is not configured", msg.account))
         })?;
-        let chat = msg.to.value.clone();
+        // A conversation held in a group (or a forum topic of one) is
+        // answered there, in the supergroup if the group became one;
+        // otherwise the private chat with the user.
+        let (chat, topic) = match msg.thread.provider_thread_id.as_deref() {
+            Some(thread) => {
+                let (chat, topic) = match thread.split_once('/') {
+                    Some((c, t)) => (c.to_owned(), t.parse::<i64>().ok()),
+                    None => (thread.to_owned(), None),
+                };
+                let chat = match chat.parse::<i64>() {
+                    Ok(id) => match self.state.migrated_to(&a.bot_id, id) {
+                        Ok(Some(to)) => to.to_string(),
+                        _ => chat,
+                    },
+                    Err(_) => chat,
+                };
+                (chat, topic)
+            }
+            None => (msg.to.value.clone(), None),
+        };
+        let private = msg.thread.provider_thread_id.is_none();
         match self.state.unreachable("telegram", &a.bot_id, &chat) {
-            Ok(Some(why)) => {
+            Ok(Some(why)) if private => {
                 return Err(SendError::Rejected {
                     status: 403,
                     code: Some("403".into()),
                     reason: format!("telegram user {chat} is unreachable: {why}"),
                 });
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(error) => {
                 tracing::warn!(%error, "cannot read the unreachable list; sending anyway")
             }
@@ -387,7 +389,10 @@ impl SocialOutbound {
             .client
             .post(url)
             .timeout(a.timeout)
-            .json(&json!({"chat_id": chat, "text": text}))
+            .json(&match topic {
+                Some(t) => json!({"chat_id": chat, "message_thread_id": t, "text": text}),
+                None => json!({"chat_id": chat, "text": text}),
+            })
             .send()
             .await
             .map_err(|e| transport(&e, a.timeout))?;
@@ -398,9 +403,6 @@ impl SocialOutbound {
             let id = body["result"]["message_id"]
                 .as_i64()
                 .map(|m| format!("{chat}:{m}"));
-            if let Some(id) = &id {
-                self.remember(&a.bot_id, id, msg);
-            }
             return Ok(SendReceipt {
                 provider_message_id: id,
                 segments: None,
@@ -427,7 +429,7 @@ impl SocialOutbound {
                 reason: format!("{reason}; the group is now supergroup {new_chat}"),
             });
         }
-        if code == 403 {
+        if code == 403 && private {
             let why = description.trim_start_matches("Forbidden: ").to_owned();
             if let Err(error) = self.state.mark_unreachable(
                 "telegram",

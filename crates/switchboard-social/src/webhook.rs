@@ -14,7 +14,9 @@ use serde_json::json;
 use switchboard_core::{Channel, DeliveryState, Envelope, Intake, IntakeError, Received};
 
 use crate::SocialChannel;
-use crate::common::{Malformed, Parsed, Stamp, StatusReport, status_command};
+use crate::common::{
+    Malformed, Parsed, Stamp, StatusReport, provider_status_command, status_command,
+};
 use crate::signature::{
     META_SHA1_HEADER, META_SHA256_HEADER, TELEGRAM_SECRET_HEADER, meta_handshake, meta_signed,
     telegram_secret_valid,
@@ -200,8 +202,8 @@ impl Hook {
     }
 }
 
-/// Turns parsed items into records (downloading media, matching statuses
-/// and echoes with the channel's state) and hands them over in one
+/// Turns parsed items into records (downloading media, statuses into
+/// commands) and hands them over in one
 /// [`Intake::accept`]. Shared by the webhooks and Telegram polling.
 pub(crate) async fn settle(
     social: &SocialChannel,
@@ -210,15 +212,20 @@ pub(crate) async fn settle(
 ) -> Settled {
     let mut records = Vec::new();
     let mut ignored = 0usize;
-    let mut read_marks: Vec<(StatusReport, i64)> = Vec::new();
     for p in parsed {
         match p {
             Parsed::Message { mut envelope } => {
                 social.complete_message(&mut envelope).await;
                 records.push(Received::Message(envelope));
             }
+            Parsed::Status { report } if report.status == DeliveryState::Sent => {
+                // The dispatcher recorded `sent` when the platform took the
+                // message; a command saying it again would be refused.
+                ignored += 1;
+                tracing::debug!(channel = %report.channel, "sent status acknowledged");
+            }
             Parsed::Status { report } => {
-                let (cmds, mark) = social.status_commands(&report);
+                let cmds = social.status_commands(&report);
                 if cmds.is_empty() {
                     ignored += 1;
                     social
@@ -227,14 +234,11 @@ pub(crate) async fn settle(
                         .with_label_values(&[report.channel.as_str()])
                         .inc();
                     tracing::info!(
-                        channel = %report.channel, provider_id = ?report.provider_message_id,
-                        "status of a message this instance did not send; acknowledged without a record"
+                        channel = %report.channel, status = ?report.status,
+                        "status report naming no message (a delivery watermark without ids); acknowledged without a record"
                     );
                 }
                 records.extend(cmds.into_iter().map(|c| Received::Command(Box::new(c))));
-                if let Some(w) = mark {
-                    read_marks.push((report, w));
-                }
             }
             Parsed::Change { change } => {
                 social
@@ -272,16 +276,6 @@ pub(crate) async fn settle(
     {
         return Settled::Failed(e);
     }
-    for (report, w) in read_marks {
-        if let Err(error) = social.state.mark_read(
-            report.channel.as_str(),
-            &report.account,
-            &report.recipient,
-            w,
-        ) {
-            tracing::warn!(%error, "cannot mark messages read");
-        }
-    }
     Settled::Accepted {
         records: n,
         ignored,
@@ -293,18 +287,6 @@ impl SocialChannel {
     async fn complete_message(&self, env: &mut Envelope) {
         match env.channel {
             Channel::Whatsapp => self.fetch_whatsapp_media(env).await,
-            Channel::Messenger | Channel::Instagram
-                if env.direction == switchboard_core::Direction::Outbound
-                    && !env.idempotency_key.starts_with("outbound:") =>
-            {
-                // An echo without our metadata (Instagram sends none): ours
-                // if this instance remembers sending its mid.
-                if let Some(mid) = env.thread_hints.message_id.clone()
-                    && let Ok(Some(sent)) = self.state.sent(env.channel.as_str(), &mid)
-                {
-                    env.idempotency_key = format!("outbound:{}", sent.idempotency_key);
-                }
-            }
             Channel::Telegram => {
                 let user = &env.from.value;
                 if let Ok(true) = self.state.reachable("telegram", &env.account, user) {
@@ -393,68 +375,21 @@ impl SocialChannel {
         }
     }
 
-    /// The `message.status` commands of a report, and the watermark to mark
-    /// read once they are accepted.
-    fn status_commands(&self, r: &StatusReport) -> (Vec<switchboard_core::Command>, Option<i64>) {
-        let ch = r.channel.as_str();
+    /// The command of a status report: `message.status` when the report
+    /// carries our id (WhatsApp's `biz_opaque_callback_data`), else
+    /// `message.provider_status` naming the platform's ids or the read
+    /// watermark, resolved by the router against the shared history.
+    fn status_commands(&self, r: &StatusReport) -> Vec<switchboard_core::Command> {
         if let (Some(id), Some(pid)) = (r.message_id, &r.provider_message_id) {
-            return (
-                vec![status_command(
-                    r.channel,
-                    id,
-                    pid,
-                    r.status,
-                    r.error.clone(),
-                    r.at,
-                )],
-                None,
-            );
+            return vec![status_command(
+                r.channel,
+                id,
+                pid,
+                r.status,
+                r.error.clone(),
+                r.at,
+            )];
         }
-        if let Some(pids) = &r.provider_message_id {
-            let cmds = pids
-                .split(',')
-                .filter_map(|pid| match self.state.sent(ch, pid) {
-                    Ok(Some(s)) => Some(status_command(
-                        r.channel,
-                        s.message_id,
-                        pid,
-                        r.status,
-                        r.error.clone(),
-                        r.at,
-                    )),
-                    Ok(None) => None,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot read the sent-message state");
-                        None
-                    }
-                })
-                .collect();
-            return (cmds, None);
-        }
-        if let (Some(w), DeliveryState::Read) = (r.watermark, r.status) {
-            let w = w.timestamp_millis();
-            return match self.state.unread_up_to(ch, &r.account, &r.recipient, w) {
-                Ok(sent) => (
-                    sent.iter()
-                        .map(|s| {
-                            status_command(
-                                r.channel,
-                                s.message_id,
-                                &s.provider_message_id,
-                                r.status,
-                                None,
-                                r.at,
-                            )
-                        })
-                        .collect(),
-                    Some(w),
-                ),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read the sent-message state");
-                    (Vec::new(), None)
-                }
-            };
-        }
-        (Vec::new(), None)
+        provider_status_command(r).into_iter().collect()
     }
 }

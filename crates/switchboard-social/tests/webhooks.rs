@@ -516,11 +516,13 @@ async fn a_whatsapp_batch_is_one_accept_with_media_downloaded_and_statuses_as_co
     let (st, _) = post_meta(&s, &body, &[("x-hub-signature-256", sign(&body))]).await;
     assert_eq!(st, 200);
     let cmds = s.intake.commands();
-    // sent, delivered, read, failed name our id; the one without
-    // biz_opaque_callback_data is not one this instance sent.
-    assert_eq!(cmds.len(), 4);
+    // `sent` is acknowledged without a command (the dispatcher recorded
+    // it); delivered, read, failed name our id; the failure without
+    // biz_opaque_callback_data names the wamid, for the router to resolve;
+    // `deleted` is not a delivery state.
+    assert_eq!(cmds.len(), 4, "{cmds:#?}");
     let ours = Uuid::parse_str("0190a0a0-0000-7000-8000-00000000c0de").unwrap();
-    let states: Vec<_> = cmds
+    let states: Vec<_> = cmds[..3]
         .iter()
         .map(|c| match &c.kind {
             CommandKind::MessageStatus {
@@ -533,9 +535,28 @@ async fn a_whatsapp_batch_is_one_accept_with_media_downloaded_and_statuses_as_co
         })
         .collect();
     assert_eq!(states[0].0, ours);
-    assert_eq!(states[0].1, DeliveryState::Sent);
-    assert_eq!(states[2].1, DeliveryState::Read);
-    let failed = states[3].2.clone().unwrap();
+    assert_eq!(states[0].1, DeliveryState::Delivered);
+    assert_eq!(states[1].1, DeliveryState::Read);
+    match &cmds[3].kind {
+        CommandKind::ProviderStatus {
+            channel,
+            account,
+            status,
+            provider_message_ids,
+            recipient,
+            error,
+            ..
+        } => {
+            assert_eq!(*channel, Channel::Whatsapp);
+            assert_eq!(account, "+15550783881");
+            assert_eq!(*status, DeliveryState::Failed);
+            assert_eq!(provider_message_ids, &["wamid.OURS3".to_owned()]);
+            assert_eq!(*recipient, None);
+            assert_eq!(error.as_ref().unwrap().code.as_deref(), Some("130429"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let failed = states[2].2.clone().unwrap();
     assert_eq!(failed.code.as_deref(), Some("131047"));
     assert!(!failed.retryable);
     // A redelivery makes the same command ids.
@@ -681,21 +702,41 @@ async fn messenger_sends_carry_our_key_and_statuses_and_echoes_are_matched() {
     ]}]}).to_string().into_bytes();
     let (st, _) = post_meta(&s, &body, &[("x-hub-signature-256", sign(&body))]).await;
     assert_eq!(st, 200);
+    // Both become `message.provider_status`, resolved by the router against
+    // the shared history (whichever instance sent the message).
     let cmds = s.intake.commands();
     let got: Vec<_> = cmds
         .iter()
         .map(|c| match &c.kind {
-            CommandKind::MessageStatus {
-                message_id, status, ..
-            } => (*message_id, *status),
-            _ => panic!(),
+            CommandKind::ProviderStatus {
+                channel,
+                account,
+                status,
+                provider_message_ids,
+                recipient,
+                read_up_to,
+                ..
+            } => {
+                assert_eq!(
+                    (*channel, account.as_str()),
+                    (Channel::Messenger, "1717527131834678")
+                );
+                (
+                    *status,
+                    provider_message_ids.clone(),
+                    recipient.clone(),
+                    read_up_to.map(|t| t.timestamp_millis()),
+                )
+            }
+            other => panic!("{other:?}"),
         })
         .collect();
+    let psid = Identity::new(IdentityKind::MessengerPsid, "1256217357730577").unwrap();
     assert_eq!(
         got,
         vec![
-            (msg.message_id, DeliveryState::Delivered),
-            (msg.message_id, DeliveryState::Read)
+            (DeliveryState::Delivered, vec![mid.clone()], None, None),
+            (DeliveryState::Read, vec![], Some(psid), Some(now)),
         ]
     );
     // The echo is keyed as the dispatcher keyed our message: a duplicate.
@@ -705,11 +746,15 @@ async fn messenger_sends_carry_our_key_and_statuses_and_echoes_are_matched() {
         e[0].idempotency_key,
         format!("outbound:{}", msg.idempotency_key)
     );
-    // A second read report names nothing new.
+    // A redelivered report makes the same command ids: applied once.
     post_meta(&s, &body, &[("x-hub-signature-256", sign(&body))]).await;
-    assert_eq!(s.intake.commands().len(), 3, "only the delivery again");
+    let again = s.intake.commands();
+    assert_eq!(again.len(), 4);
+    assert_eq!(again[2].id, cmds[0].id);
+    assert_eq!(again[3].id, cmds[1].id);
 
-    // Instagram echoes carry no metadata: matched by mid.
+    // Instagram echoes carry no metadata: outbound, with the mid as the
+    // message's own id, which the router finds recorded with our send.
     let ig = adapter(&s, Channel::Instagram);
     let to = Identity::new(IdentityKind::InstagramIgsid, "6543210987654321").unwrap();
     let imsg = outbound(Channel::Instagram, "17841400000000000", to);
@@ -724,12 +769,11 @@ async fn messenger_sends_carry_our_key_and_statuses_and_echoes_are_matched() {
     ]}]}).to_string().into_bytes();
     post_meta(&s, &body, &[("x-hub-signature-256", sign(&body))]).await;
     let e = s.intake.envelopes();
-    assert_eq!(
-        e.last().unwrap().idempotency_key,
-        format!("outbound:{}", imsg.idempotency_key)
-    );
+    let echo = e.last().unwrap();
+    assert_eq!(echo.direction, Direction::Outbound);
+    assert_eq!(echo.thread_hints.message_id.as_deref(), Some(imid.as_str()));
     assert!(
-        matches!(&s.intake.commands().last().unwrap().kind, CommandKind::MessageStatus { message_id, status: DeliveryState::Read, .. } if *message_id == imsg.message_id)
+        matches!(&s.intake.commands().last().unwrap().kind, CommandKind::ProviderStatus { channel: Channel::Instagram, status: DeliveryState::Read, provider_message_ids, .. } if provider_message_ids == std::slice::from_ref(&imid))
     );
 
     // The Messenger window error, and a message tag outside the window.
@@ -784,6 +828,26 @@ async fn telegram_webhooks_need_the_secret_and_groups_keep_their_thread_after_mi
         Some("-4000000001"),
         "the supergroup continues the group's thread"
     );
+    // A reply to the group's conversation goes to the supergroup it
+    // became, not to the member's private chat; one to a forum topic
+    // names the topic.
+    let tg = adapter(&s, Channel::Telegram);
+    let member = Identity::new(IdentityKind::TelegramUser, "1111111").unwrap();
+    let mut reply = outbound(Channel::Telegram, "123456", member);
+    reply.thread.provider_thread_id = e[1].thread_hints.provider_thread_id.clone();
+    let r = tg.send(&reply).await.unwrap();
+    assert!(
+        r.provider_message_id
+            .unwrap()
+            .starts_with("-1004000000001:")
+    );
+    reply.thread.provider_thread_id = Some("-1009000000001/42".into());
+    tg.send(&reply).await.unwrap();
+    let sent = s.fake.sends();
+    assert_eq!(sent[0].body["chat_id"], "-1004000000001");
+    assert_eq!(sent[0].body.get("message_thread_id"), None);
+    assert_eq!(sent[1].body["chat_id"], "-1009000000001");
+    assert_eq!(sent[1].body["message_thread_id"], 42);
     let r = reqwest::Client::new()
         .post(format!("{}/telegram/nobot", s.url))
         .json(&update)

@@ -294,6 +294,31 @@ pub trait Tx {
         let _ = conversation;
         Ok((None, None))
     }
+    /// Our messages to `to` on one channel account that were sent (the
+    /// provider took them) up to `up_to` and are not yet read or failed,
+    /// oldest first, at most `limit`: what a read watermark covers.
+    fn sent_unread_up_to(
+        &mut self,
+        channel: Channel,
+        account: &str,
+        to: &Identity,
+        up_to: Millis,
+        limit: usize,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let _ = (channel, account, to, up_to, limit);
+        Ok(Vec::new())
+    }
+    /// The provider thread (`thread_hints.provider_thread_id`) of the
+    /// customer's newest message on `channel` in the conversation, if that
+    /// message had one: where a reply to a group conversation goes.
+    fn latest_provider_thread(
+        &mut self,
+        conversation: Uuid,
+        channel: Channel,
+    ) -> Result<Option<String>, StoreError> {
+        let _ = (conversation, channel);
+        Ok(None)
+    }
     /// The stored message a provider id names on one channel account: a
     /// message whose own id (`thread_hints.message_id`) it is, or one of
     /// ours the provider answered with it.

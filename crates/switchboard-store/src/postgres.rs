@@ -239,6 +239,11 @@ CREATE INDEX messages_provider_id ON messages (header_id) WHERE header_id IS NOT
 CREATE INDEX outbound_provider_id ON outbound (provider_message_id)
     WHERE provider_message_id IS NOT NULL;
 "#,
+    r#"
+-- Read watermarks (Messenger, Instagram) name a recipient and a time: our
+-- sends to that recipient on the account up to then.
+CREATE INDEX outbound_recipient ON outbound (to_value, channel, account, updated_at);
+"#,
 ];
 
 /// How long an outbox row may go untouched by its owner before another
@@ -1856,6 +1861,56 @@ impl Tx for PgTx {
             })?;
             Ok((direction, col(r, 1)?))
         })
+    }
+
+    fn sent_unread_up_to(
+        &mut self,
+        channel: Channel,
+        account: &str,
+        to: &Identity,
+        up_to: Millis,
+        limit: usize,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        if has_nul(&[account, &to.value]) {
+            return Ok(Vec::new());
+        }
+        let limit = limit as i64;
+        let params: [&(dyn ToSql + Sync); 6] = [
+            &to.value,
+            &channel.as_str(),
+            &account,
+            &to.kind.as_str(),
+            &up_to,
+            &limit,
+        ];
+        self.query(
+            "SELECT o.message_id FROM outbound o JOIN messages m ON m.id = o.message_id \
+             WHERE o.to_value = $1 AND o.channel = $2 AND o.account = $3 AND o.to_kind = $4 \
+             AND o.updated_at <= $5 AND o.state = 'sent' \
+             AND m.status IN ('sent', 'delivered') \
+             ORDER BY o.updated_at LIMIT $6",
+            &params,
+        )?
+        .iter()
+        .map(|r| col(r, 0))
+        .collect()
+    }
+
+    fn latest_provider_thread(
+        &mut self,
+        conversation: Uuid,
+        channel: Channel,
+    ) -> Result<Option<String>, StoreError> {
+        let params: [&(dyn ToSql + Sync); 2] = [&conversation, &channel.as_str()];
+        match self.query_first(
+            "SELECT provider_thread_id FROM messages WHERE conversation_id = $1 \
+             AND direction = 'inbound' AND channel = $2 \
+             ORDER BY received_at DESC, seq DESC LIMIT 1",
+            &params,
+        )? {
+            Some(r) => col(&r, 0),
+            None => Ok(None),
+        }
     }
 
     fn message_by_provider_id(

@@ -201,6 +201,11 @@ CREATE INDEX messages_provider_id ON messages (header_id) WHERE header_id IS NOT
 CREATE INDEX outbound_provider_id ON outbound (provider_message_id)
     WHERE provider_message_id IS NOT NULL;
 "#,
+    r#"
+-- Read watermarks (Messenger, Instagram) name a recipient and a time: our
+-- sends to that recipient on the account up to then.
+CREATE INDEX outbound_recipient ON outbound (to_value, channel, account, updated_at);
+"#,
 ];
 
 /// The SQLite store. Writes go through one connection, serialized by a lock;
@@ -1439,6 +1444,60 @@ impl Tx for SqliteTx<'_> {
                 })?
                 .collect()
             })
+            .map_err(unavailable)
+    }
+
+    fn sent_unread_up_to(
+        &mut self,
+        channel: Channel,
+        account: &str,
+        to: &Identity,
+        up_to: Millis,
+        limit: usize,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT o.message_id FROM outbound o JOIN messages m ON m.id = o.message_id \
+                 WHERE o.to_value = ?1 AND o.channel = ?2 AND o.account = ?3 AND o.to_kind = ?4 \
+                 AND o.updated_at <= ?5 AND o.state = 'sent' \
+                 AND m.status IN ('sent', 'delivered') \
+                 ORDER BY o.updated_at LIMIT ?6",
+            )
+            .and_then(|mut s| {
+                s.query_map(
+                    params![
+                        to.value,
+                        channel.as_str(),
+                        account,
+                        to.kind.as_str(),
+                        up_to,
+                        limit as i64
+                    ],
+                    |r| parse_col(r, 0, |s| Uuid::parse_str(s).ok()),
+                )?
+                .collect()
+            })
+            .map_err(unavailable)
+    }
+
+    fn latest_provider_thread(
+        &mut self,
+        conversation: Uuid,
+        channel: Channel,
+    ) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT provider_thread_id FROM messages WHERE conversation_id = ?1 \
+                 AND direction = 'inbound' AND channel = ?2 \
+                 ORDER BY received_at DESC, seq DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![conversation.to_string(), channel.as_str()], |r| {
+                    r.get::<_, Option<String>>(0)
+                })
+                .optional()
+            })
+            .map(Option::flatten)
             .map_err(unavailable)
     }
 

@@ -1393,3 +1393,93 @@ pub(crate) fn message_changes_keep_versions(s: &dyn Store) {
     tx.commit().unwrap();
     assert!(s.message_versions(m1.id).unwrap().is_empty());
 }
+
+pub(crate) fn read_watermarks_and_provider_threads(s: &dyn Store) {
+    let customer_phone = "phone:+14155550100";
+    let mut tx = s.begin().unwrap();
+    let c = customer(&mut *tx, &[customer_phone, "phone:+14155550199"]);
+    let conv = conversation(&mut *tx, c, Channel::Sms, 0);
+    // Three sends to the customer (the second already read) and one to
+    // another number, each recorded `sent` at T0 + 10, 20, 30, 15.
+    let mut sent = Vec::new();
+    for (i, (to, status, at)) in [
+        (customer_phone, "sent", 10),
+        (customer_phone, "read", 20),
+        (customer_phone, "delivered", 30),
+        ("phone:+14155550199", "sent", 15),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let env = envelope(&format!("w{i}"), to, Channel::Sms, Direction::Outbound, at);
+        tx.insert_message(&NewMessage {
+            envelope: &env,
+            customer_id: c,
+            conversation_id: conv,
+            rule: ThreadRule::Explicit,
+            status: Some(status),
+        })
+        .unwrap();
+        let record = OutboundRecord {
+            to: ident(to),
+            state: OutboundState::Sent,
+            updated_at: T0 + at,
+            ..outbound_record(&format!("req-w{i}"), env.id, conv, c)
+        };
+        tx.put_outbound(&record, "{}").unwrap();
+        sent.push(env.id);
+    }
+    let to = ident(customer_phone);
+    assert_eq!(
+        tx.sent_unread_up_to(Channel::Sms, SMS_NUMBER, &to, T0 + 25, 10)
+            .unwrap(),
+        [sent[0]],
+        "read and later messages are not covered"
+    );
+    assert_eq!(
+        tx.sent_unread_up_to(Channel::Sms, SMS_NUMBER, &to, T0 + 30, 10)
+            .unwrap(),
+        [sent[0], sent[2]]
+    );
+    assert_eq!(
+        tx.sent_unread_up_to(Channel::Sms, SMS_NUMBER, &to, T0 + 30, 1)
+            .unwrap(),
+        [sent[0]]
+    );
+    assert!(
+        tx.sent_unread_up_to(Channel::Sms, "another account", &to, T0 + 30, 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        tx.sent_unread_up_to(Channel::Whatsapp, SMS_NUMBER, &to, T0 + 30, 10)
+            .unwrap()
+            .is_empty()
+    );
+
+    // The provider thread of the customer's newest message on the channel.
+    assert_eq!(tx.latest_provider_thread(conv, Channel::Sms).unwrap(), None);
+    let mut group = inbound("g1", customer_phone, Channel::Sms, 40);
+    group.thread_hints.provider_thread_id = Some("-100123/7".into());
+    store(&mut *tx, &group, c, conv);
+    assert_eq!(
+        tx.latest_provider_thread(conv, Channel::Sms)
+            .unwrap()
+            .as_deref(),
+        Some("-100123/7")
+    );
+    assert_eq!(
+        tx.latest_provider_thread(conv, Channel::Email).unwrap(),
+        None
+    );
+    // A newer private message: the reply goes there.
+    let private = inbound("g2", customer_phone, Channel::Sms, 50);
+    store(&mut *tx, &private, c, conv);
+    assert_eq!(tx.latest_provider_thread(conv, Channel::Sms).unwrap(), None);
+    assert_eq!(
+        tx.latest_provider_thread(Uuid::now_v7(), Channel::Sms)
+            .unwrap(),
+        None
+    );
+    tx.commit().unwrap();
+}

@@ -114,6 +114,7 @@ suite!(
     mailbox_checkpoints_per_account_and_mailbox,
     thread_message_ids_newest_first,
     message_changes_keep_versions,
+    read_watermarks_and_provider_threads,
 );
 
 /// Built without the `postgres` feature: say so when a database was named.
