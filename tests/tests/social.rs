@@ -429,4 +429,36 @@ async fn a_whatsapp_edit_reaction_and_revoke_change_the_one_stored_message() {
     assert_eq!(msgs[0]["text"], "", "{msgs:?}");
     assert!(msgs[0]["deleted_at"].is_string(), "{msgs:?}");
     assert_eq!(msgs[0]["message_id"], "wamid.E2EORIG");
+
+    // The earlier versions, each with the text it replaced.
+    let id = str_field(&msgs[0], "id");
+    let v = api
+        .get(&format!("/v1/messages/{id}/versions"))
+        .await
+        .unwrap();
+    assert_eq!(v.status, StatusCode::OK, "{:?}", v.body);
+    let versions = v.body["versions"].as_array().unwrap();
+    let seen: Vec<(i64, &str, &str)> = versions
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_i64().unwrap(),
+                v["kind"].as_str().unwrap(),
+                v["previous_text"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "edit", "where is my ordr?"),
+            (2, "reaction", "where is my order?"),
+            (3, "delete", "where is my order?"),
+        ],
+        "{versions:#?}"
+    );
+    assert_eq!(versions[0]["text"], "where is my order?");
+    assert_eq!(versions[1]["emoji"], "🙏");
+    let bad = api.get("/v1/messages/not-a-uuid/versions").await.unwrap();
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 }

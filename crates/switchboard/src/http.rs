@@ -109,6 +109,7 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/commands", post(post_command))
         .route("/messages", post(post_message))
         .route("/messages/{id}/status", post(post_status))
+        .route("/messages/{id}/versions", get(get_versions))
         .route("/customers", get(get_customer))
         .route("/customers/{id}/timeline", get(get_timeline))
         .route("/conversations/{id}", get(get_conversation))
@@ -584,6 +585,22 @@ async fn get_conversation(State(state): State<Arc<AppState>>, Path(id): Path<Str
             .into_response()
         }
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no conversation {id}"), None),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    }
+}
+
+/// `GET /v1/messages/{id}/versions`: the message's recorded changes
+/// (edits, reactions, deletions), oldest first, each with the text it
+/// replaced; an id with no changes (or no message) answers an empty list.
+async fn get_versions(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    let id = match parse_uuid(&id, "message_id") {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let store = Arc::clone(&state.store);
+    match tokio::task::spawn_blocking(move || store.message_versions(id)).await {
+        Ok(Ok(versions)) => Json(json!({"message_id": id, "versions": versions})).into_response(),
         Ok(Err(e)) => store_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
     }
