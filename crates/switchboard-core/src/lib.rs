@@ -300,4 +300,34 @@ mod tests {
         let back: Command = serde_json::from_slice(&serde_json::to_vec(&cmd).unwrap()).unwrap();
         assert_eq!(back, cmd);
     }
+
+    #[test]
+    fn provider_statuses_name_messages_or_a_watermark() {
+        // The example in docs/integration.md.
+        let ids = br#"{"schema": "switchboard.command.v1", "type": "message.provider_status",
+            "channel": "messenger", "account": "1717527131834678", "status": "delivered",
+            "provider_message_ids": ["m_1a2b3c"]}"#;
+        let cmd = decode_command(ids).unwrap();
+        assert_eq!(cmd.partition_key(), "messenger:1717527131834678:m_1a2b3c");
+        let read = br#"{"schema": "switchboard.command.v1", "type": "message.provider_status",
+            "channel": "messenger", "account": "1717527131834678", "status": "read",
+            "recipient": {"kind": "messenger_psid", "value": "1256217357730577"},
+            "read_up_to": "2026-11-23T18:00:00Z"}"#;
+        let cmd = decode_command(read).unwrap();
+        assert_eq!(cmd.partition_key(), "messenger_psid:1256217357730577");
+        let neither = br#"{"schema": "switchboard.command.v1", "type": "message.provider_status",
+            "channel": "messenger", "account": "p", "status": "read"}"#;
+        let e = decode_command(neither).unwrap_err();
+        assert!(e.to_string().contains("provider_message_ids"), "{e}");
+        let delivered_watermark = br#"{"schema": "switchboard.command.v1",
+            "type": "message.provider_status", "channel": "messenger", "account": "p",
+            "status": "delivered", "recipient": {"kind": "messenger_psid", "value": "1"},
+            "read_up_to": "2026-11-23T18:00:00Z"}"#;
+        let e = decode_command(delivered_watermark).unwrap_err();
+        assert!(e.to_string().contains("read_up_to"), "{e}");
+        let sent = br#"{"schema": "switchboard.command.v1", "type": "message.provider_status",
+            "channel": "messenger", "account": "p", "status": "sent",
+            "provider_message_ids": ["m"]}"#;
+        assert!(decode_command(sent).is_err());
+    }
 }
