@@ -206,6 +206,11 @@ CREATE INDEX outbound_provider_id ON outbound (provider_message_id)
 -- sends to that recipient on the account up to then.
 CREATE INDEX outbound_recipient ON outbound (to_value, channel, account, updated_at);
 "#,
+    r#"
+-- (PostgreSQL tunes its outbox table's storage here; SQLite has nothing to
+-- change. Kept so both backends count the same schema versions.)
+SELECT 1;
+"#,
 ];
 
 /// The SQLite store. Writes go through one connection, serialized by a lock;
