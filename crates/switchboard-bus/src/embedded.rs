@@ -55,6 +55,30 @@ const MIGRATIONS: &[&str] = &[
         partitions INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 2: the records in a rowid table, their position in a unique index.
+    // WITHOUT ROWID keeps whole rows in the interior pages of its b-tree
+    // and spills payloads over ~1 KB to overflow pages, so each group commit
+    // rewrote several pages per insertion point: 5 KiB of WAL per routed
+    // message against 1.4 KiB of payload (docs/benchmarks.md). Here rows
+    // are appended to the table's last page and only the small index entries
+    // go to one insertion point per partition.
+    r#"
+    CREATE TABLE records_v2 (
+        seq INTEGER PRIMARY KEY,
+        topic TEXT NOT NULL,
+        "partition" INTEGER NOT NULL,
+        "offset" INTEGER NOT NULL,
+        key BLOB NOT NULL,
+        payload BLOB NOT NULL,
+        ts INTEGER NOT NULL
+    );
+    INSERT INTO records_v2 (topic, "partition", "offset", key, payload, ts)
+        SELECT topic, "partition", "offset", key, payload, ts FROM records
+        ORDER BY ts, topic, "partition", "offset";
+    DROP TABLE records;
+    ALTER TABLE records_v2 RENAME TO records;
+    CREATE UNIQUE INDEX records_position ON records (topic, "partition", "offset");
+    "#,
 ];
 
 const SELECT_RANGE: &str = r#"SELECT "offset", key, payload, ts FROM records

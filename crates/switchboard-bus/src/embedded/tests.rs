@@ -481,3 +481,39 @@ async fn poll_shares_a_batch_across_partitions() {
     let rest = drain(&mut consumer, 180).await;
     assert_eq!(rest.iter().filter(|r| r.key == a).count(), 90);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_1_log_keeps_its_records_and_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // A log as the first schema wrote it: records in a WITHOUT ROWID table.
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(
+            r#"INSERT INTO topics (name, partitions) VALUES ('t', 2), ('u', 2);
+            INSERT INTO records (topic, "partition", "offset", key, payload, ts) VALUES
+                ('t', 0, 0, x'6b', x'30', 1), ('t', 0, 1, x'6b', x'31', 2),
+                ('t', 1, 0, x'6c', x'32', 3), ('u', 0, 0, x'6d', x'33', 4);
+            INSERT INTO offsets (grp, topic, "partition", next_offset) VALUES ('g', 't', 0, 1);
+            PRAGMA user_version = 1;"#,
+        )
+        .unwrap();
+    }
+    let bus = open(dir.path());
+    assert_eq!(bus.end_offsets("t").unwrap(), vec![2, 1]);
+    assert_eq!(bus.end_offsets("u").unwrap(), vec![1, 0]);
+    let got = bus.read_range("t", 0, 0, 10).await.unwrap();
+    let payloads: Vec<_> = got.iter().map(|r| seq(&r.payload)).collect();
+    assert_eq!(payloads, vec![0, 1]);
+    assert_eq!(got[1].offset, 1);
+    assert_eq!(got[1].timestamp_ms, 2);
+    // The group resumes where it committed; new records follow the old ones.
+    let mut c = bus.subscribe("t", "g").await.unwrap();
+    let pos = bus.publish("t", b"k", b"4".to_vec()).await.unwrap();
+    assert_eq!(pos.offset, [2, 1][pos.partition as usize]);
+    let rest = drain(&mut c, 3).await;
+    let mut seen: Vec<_> = rest.iter().map(|r| seq(&r.payload)).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, vec![1, 2, 4]);
+    bus.close().await;
+}
