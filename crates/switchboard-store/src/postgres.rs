@@ -252,6 +252,13 @@ CREATE INDEX outbound_recipient ON outbound (to_value, channel, account, updated
 ALTER TABLE outbox SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
     autovacuum_vacuum_threshold = 2000, autovacuum_vacuum_cost_delay = 0);
 "#,
+    r#"
+-- A message id (header_id) names one message, so the lookup by customer and
+-- message id is served by messages_provider_id (header_id) with the customer
+-- checked on the row. This index was a second random-keyed b-tree written for
+-- every email message (docs/benchmarks.md).
+DROP INDEX messages_header_id;
+"#,
 ];
 
 /// How long an outbox row may go untouched by its owner before another

@@ -211,6 +211,13 @@ CREATE INDEX outbound_recipient ON outbound (to_value, channel, account, updated
 -- change. Kept so both backends count the same schema versions.)
 SELECT 1;
 "#,
+    r#"
+-- A message id (header_id) names one message, so the lookup by customer and
+-- message id is served by messages_provider_id (header_id) with the customer
+-- checked on the row. This index was a second random-keyed b-tree written for
+-- every email message (docs/benchmarks.md).
+DROP INDEX messages_header_id;
+"#,
 ];
 
 /// The SQLite store. Writes go through one connection, serialized by a lock;
