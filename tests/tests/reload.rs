@@ -26,6 +26,41 @@ async fn status_with(addr: SocketAddr, token: &str) -> StatusCode {
         .unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
 }
 
+/// Starts the daemon on `file`, its log in `log`.
+fn start(dir: &TestDir, file: &std::path::Path, log: &std::path::Path) -> Child {
+    switchboard_command()
+        .args(["run", "--config", file.to_str().unwrap(), "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env_remove("SWITCHBOARD__HTTP__TOKENS")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start switchboard")
+}
+
+/// Waits until the daemon answers an authenticated read with `token`.
+async fn answering(addr: SocketAddr, token: &str) {
+    wait_for("the daemon to answer", Duration::from_secs(60), || async {
+        Ok((status_with(addr, token).await == StatusCode::NOT_FOUND).then_some(()))
+    })
+    .await;
+}
+
+/// SIGTERM, then a clean exit (`log` shown if not).
+async fn stop(mut child: Child, log: String) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit {status}: {log}");
+}
+
 fn hup(child: &Child) {
     let ok = std::process::Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
@@ -47,23 +82,10 @@ async fn sighup_reloads_tokens_and_refuses_a_new_listen_address() {
     let tokens_path = tokens.to_str().unwrap();
     std::fs::write(&file, config(tokens_path, "info", port)).unwrap();
 
-    let mut child = switchboard_command()
-        .args(["run", "--config", file.to_str().unwrap(), "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env_remove("SWITCHBOARD__HTTP__TOKENS")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start switchboard");
+    let child = start(&dir, &file, &log);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
 
-    wait_for("the daemon to answer", Duration::from_secs(60), || async {
-        Ok(
-            (status_with(addr, "token-one-0123456789").await == StatusCode::NOT_FOUND)
-                .then_some(()),
-        )
-    })
-    .await;
+    answering(addr, "token-one-0123456789").await;
     assert_eq!(
         status_with(addr, "token-two-0123456789").await,
         StatusCode::UNAUTHORIZED
@@ -143,17 +165,7 @@ async fn sighup_reloads_tokens_and_refuses_a_new_listen_address() {
         "nothing of the refused reload was applied"
     );
 
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "exit {status}: {}", log_text());
+    stop(child, log_text()).await;
 }
 
 fn sms_config(
@@ -222,22 +234,9 @@ async fn sighup_rotates_an_sms_auth_token_and_refuses_a_new_number() {
     )
     .unwrap();
 
-    let mut child = switchboard_command()
-        .args(["run", "--config", file.to_str().unwrap(), "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env_remove("SWITCHBOARD__HTTP__TOKENS")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start switchboard");
+    let child = start(&dir, &file, &log);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for("the daemon to answer", Duration::from_secs(60), || async {
-        Ok(
-            (status_with(addr, "token-one-0123456789").await == StatusCode::NOT_FOUND)
-                .then_some(()),
-        )
-    })
-    .await;
+    answering(addr, "token-one-0123456789").await;
     assert_eq!(
         twilio_inbound(
             addr,
@@ -341,15 +340,5 @@ async fn sighup_rotates_an_sms_auth_token_and_refuses_a_new_number() {
         "the refusal names the key: {text}"
     );
 
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "exit {status}: {}", log_text());
+    stop(child, log_text()).await;
 }
