@@ -61,6 +61,22 @@ async fn stop(mut child: Child, log: String) {
     assert!(status.success(), "exit {status}: {log}");
 }
 
+/// Waits for a refused reload in the log and checks it names `key`.
+async fn refused_naming(log_text: &impl Fn() -> String, key: &str) {
+    wait_for(
+        "the refusal in the log",
+        Duration::from_secs(20),
+        || async {
+            Ok(log_text()
+                .contains("configuration reload refused")
+                .then_some(()))
+        },
+    )
+    .await;
+    let text = log_text();
+    assert!(text.contains(key), "the refusal names {key}: {text}");
+}
+
 fn hup(child: &Child) {
     let ok = std::process::Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
@@ -140,21 +156,7 @@ async fn sighup_reloads_tokens_and_refuses_a_new_listen_address() {
     std::fs::write(&tokens, "token-three-0123456789\n").unwrap();
     std::fs::write(&file, config(tokens_path, "info", free_port())).unwrap();
     hup(&child);
-    wait_for(
-        "the refusal in the log",
-        Duration::from_secs(20),
-        || async {
-            Ok(log_text()
-                .contains("configuration reload refused")
-                .then_some(()))
-        },
-    )
-    .await;
-    let text = log_text();
-    assert!(
-        text.contains("http.listen"),
-        "the refusal names the key: {text}"
-    );
+    refused_naming(&log_text, "http.listen").await;
     assert_eq!(
         status_with(addr, "token-two-0123456789").await,
         StatusCode::NOT_FOUND
@@ -328,17 +330,7 @@ async fn sighup_rotates_an_sms_auth_token_and_refuses_a_new_number() {
     )
     .unwrap();
     hup(&child);
-    wait_for("the refusal", Duration::from_secs(20), || async {
-        Ok(log_text()
-            .contains("configuration reload refused")
-            .then_some(()))
-    })
-    .await;
-    let text = log_text();
-    assert!(
-        text.contains("channels.sms.accounts.main.number"),
-        "the refusal names the key: {text}"
-    );
+    refused_naming(&log_text, "channels.sms.accounts.main.number").await;
 
     stop(child, log_text()).await;
 }
