@@ -32,7 +32,7 @@ pub use records::{
     Command, CommandKind, DeadLetter, Delivery, DeliveryError, DeliveryState, Event, EventKind,
     OutboundRequest, Template, ThreadRule,
 };
-pub use secret::Secret;
+pub use secret::{Secret, constant_time_eq};
 
 /// Declares a one-value enum that serializes as a schema version string, so a
 /// record with another version fails to decode with a message naming the

@@ -351,10 +351,7 @@ pub fn provider_status_command(r: &StatusReport) -> Option<Command> {
     })
 }
 
-/// Compares in time independent of where the inputs differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use switchboard_core::constant_time_eq;
 
 /// A WhatsApp id (or any international number, with or without `+`) in
 /// E.164, read with libphonenumber's metadata.
@@ -391,10 +388,4 @@ mod tests {
         assert_eq!(e164(""), None);
     }
 
-    #[test]
-    fn constant_time_eq_compares_whole_values() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-    }
 }

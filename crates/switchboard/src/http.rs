@@ -202,14 +202,6 @@ async fn publish(
     Err(resp)
 }
 
-/// Compares in time independent of where the strings differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let presented = req
         .headers()
@@ -224,7 +216,7 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .fold(false, |acc, t| {
-                acc | constant_time_eq(t.as_bytes(), p.as_bytes())
+                acc | switchboard_core::constant_time_eq(t.as_bytes(), p.as_bytes())
             })
     });
     if ok {
