@@ -364,6 +364,19 @@ pub enum DeliveryState {
     Failed,
 }
 
+impl DeliveryState {
+    /// The name it has on the wire (`delivered`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Queued => "queued",
+            DeliveryState::Sent => "sent",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Read => "read",
+            DeliveryState::Failed => "failed",
+        }
+    }
+}
+
 /// Why a delivery failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -526,6 +539,33 @@ pub struct Command {
 }
 
 impl Command {
+    /// A `message.status` command for what a provider reported about one of
+    /// our messages. Its id is derived from `namespace` (the adapter's own)
+    /// and `source:provider_message_id:status`, so a report the provider
+    /// delivers twice is applied once.
+    pub fn reported_status(
+        namespace: &Uuid,
+        source: &str,
+        message_id: Uuid,
+        provider_message_id: &str,
+        status: DeliveryState,
+        error: Option<DeliveryError>,
+        at: DateTime<Utc>,
+    ) -> Command {
+        let name = format!("{source}:{provider_message_id}:{}", status.as_str());
+        Command {
+            schema: CommandSchema::V1,
+            id: Uuid::new_v5(namespace, name.as_bytes()),
+            at,
+            kind: CommandKind::MessageStatus {
+                message_id,
+                status,
+                provider_message_id: Some(provider_message_id.to_owned()),
+                error,
+            },
+        }
+    }
+
     /// The key it travels under on `commands.v1`: the customer where the
     /// command names one (or the identity, conversation or message it is
     /// about), so one customer's commands stay in order.

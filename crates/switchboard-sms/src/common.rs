@@ -2,8 +2,7 @@
 //! names the field, the context a parse needs, and status commands.
 
 use chrono::{DateTime, Utc};
-use switchboard_core::records::CommandSchema;
-use switchboard_core::{Command, CommandKind, DeliveryError, DeliveryState, ProviderRaw};
+use switchboard_core::{Command, DeliveryError, DeliveryState, ProviderRaw};
 use uuid::Uuid;
 
 /// Request parameters in the order received (names may repeat).
@@ -121,25 +120,15 @@ pub fn status_command(
     error: Option<DeliveryError>,
     at: DateTime<Utc>,
 ) -> Command {
-    let state = serde_json::to_value(status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let id = Uuid::new_v5(
+    Command::reported_status(
         &STATUS_NAMESPACE,
-        format!("{provider}:{provider_message_id}:{state}").as_bytes(),
-    );
-    Command {
-        schema: CommandSchema::V1,
-        id,
+        provider,
+        message_id,
+        provider_message_id,
+        status,
+        error,
         at,
-        kind: CommandKind::MessageStatus {
-            message_id,
-            status,
-            provider_message_id: Some(provider_message_id.to_owned()),
-            error,
-        },
-    }
+    )
 }
 
 pub use switchboard_core::constant_time_eq;

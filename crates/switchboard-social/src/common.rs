@@ -281,25 +281,15 @@ pub fn status_command(
     error: Option<DeliveryError>,
     at: DateTime<Utc>,
 ) -> Command {
-    let state = serde_json::to_value(status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let id = Uuid::new_v5(
+    Command::reported_status(
         &STATUS_NAMESPACE,
-        format!("{channel}:{provider_message_id}:{state}").as_bytes(),
-    );
-    Command {
-        schema: CommandSchema::V1,
-        id,
+        channel.as_str(),
+        message_id,
+        provider_message_id,
+        status,
+        error,
         at,
-        kind: CommandKind::MessageStatus {
-            message_id,
-            status,
-            provider_message_id: Some(provider_message_id.to_owned()),
-            error,
-        },
-    }
+    )
 }
 
 /// A `message.provider_status` command for a report that names our
@@ -307,10 +297,7 @@ pub fn status_command(
 /// the router resolves them against the shared history. Its id is derived
 /// from the report, so a redelivery is applied once.
 pub fn provider_status_command(r: &StatusReport) -> Option<Command> {
-    let state = serde_json::to_value(r.status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
+    let state = r.status.as_str();
     let (ids, recipient, read_up_to, what) = match (&r.provider_message_id, r.watermark) {
         (Some(pids), _) => (
             pids.split(',').map(str::to_owned).collect(),
@@ -387,5 +374,4 @@ mod tests {
         assert_eq!(e164("abc"), None);
         assert_eq!(e164(""), None);
     }
-
 }
