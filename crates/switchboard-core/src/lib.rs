@@ -18,6 +18,7 @@ pub mod outbound;
 pub mod records;
 pub mod schemas;
 pub mod secret;
+pub mod settings;
 
 pub use bus::{Bus, BusError, Consumer, Groups, Record, Topics};
 pub use envelope::{
@@ -33,6 +34,7 @@ pub use records::{
     OutboundRequest, Template, ThreadRule,
 };
 pub use secret::{Secret, constant_time_eq};
+pub use settings::{parse_duration, secret_setting};
 
 /// Declares a one-value enum that serializes as a schema version string, so a
 /// record with another version fails to decode with a message naming the

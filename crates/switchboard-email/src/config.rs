@@ -409,24 +409,20 @@ fn secret(
     value: &str,
     file: &str,
 ) -> Option<Secret> {
-    match (value.is_empty(), file.is_empty()) {
-        (false, true) => Some(Secret::new(value)),
-        (true, false) => match std::fs::read_to_string(file) {
-            Ok(s) => Some(Secret::new(s.trim_end())),
-            Err(e) => {
-                p.add(key("password_file"), format!("cannot read {file}: {e}"));
-                None
-            }
-        },
-        (true, true) => {
-            p.add(key("password"), "set password or password_file");
-            None
-        }
-        (false, false) => {
-            p.add(key("password"), "set password or password_file, not both");
-            None
-        }
+    let mut problems = Vec::new();
+    let secret = switchboard_core::secret_setting(
+        "password",
+        value,
+        file,
+        true,
+        |f| std::fs::read_to_string(f),
+        &mut problems,
+    );
+    for problem in problems {
+        let (k, what) = problem.split_once(": ").unwrap_or(("password", &problem));
+        p.add(key(k), what.to_owned());
     }
+    secret
 }
 
 fn ca_file(p: &mut Problems, key: String, value: &str) -> Option<PathBuf> {

@@ -231,26 +231,7 @@ impl SmsConfig {
     }
 }
 
-/// Parses "30s", "15m", "24h", "7d", "250ms" (the daemon's duration form).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{s:?} has no unit (ms, s, m, h, d)"))?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} does not start with a number"))?;
-    let secs = match unit.trim() {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        other => return Err(format!("{s:?} has unknown unit {other:?} (ms, s, m, h, d)")),
-    };
-    Ok(Duration::from_secs(secs))
-}
+pub use switchboard_core::parse_duration;
 
 fn secret(
     value: &str,
@@ -259,26 +240,14 @@ fn secret(
     required: bool,
     problems: &mut Vec<String>,
 ) -> Option<Secret> {
-    match (value.is_empty(), file.is_empty()) {
-        (false, true) => Some(Secret::new(value)),
-        (true, false) => match std::fs::read_to_string(file) {
-            Ok(s) => Some(Secret::new(s.trim_end())),
-            Err(e) => {
-                problems.push(format!("{key}_file: cannot read {file}: {e}"));
-                None
-            }
-        },
-        (true, true) => {
-            if required {
-                problems.push(format!("{key}: set {key} or {key}_file"));
-            }
-            None
-        }
-        (false, false) => {
-            problems.push(format!("{key}: set {key} or {key}_file, not both"));
-            None
-        }
-    }
+    switchboard_core::secret_setting(
+        key,
+        value,
+        file,
+        required,
+        |f| std::fs::read_to_string(f),
+        problems,
+    )
 }
 
 fn check_url(s: &str) -> Result<String, String> {

@@ -452,26 +452,7 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, Strin
     }
 }
 
-/// Parses "30s", "15m", "24h", "7d", "250ms".
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{s:?} has no unit (ms, s, m, h, d)"))?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} does not start with a number"))?;
-    let secs = match unit.trim() {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        other => return Err(format!("{s:?} has unknown unit {other:?} (ms, s, m, h, d)")),
-    };
-    Ok(Duration::from_secs(secs))
-}
+pub use switchboard_core::parse_duration;
 
 impl RawConfig {
     /// Checks every value, collecting every problem. Reads nothing but the
