@@ -100,6 +100,28 @@ pub struct EmbeddedConfig {
     /// Most records written in one transaction.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// How old records are deleted; `None` keeps everything.
+    #[serde(skip)]
+    pub retention: Option<Retention>,
+}
+
+/// Which records the log deletes, and how often it looks.
+///
+/// A record is deleted once it is older than `max_age` **and** every
+/// consumer group that has committed on its partition has committed past
+/// it; on a partition no group has committed on, only for the topics in
+/// `unconsumed` (those no consumer in this process reads, such as
+/// `events.v1`), never for the others, so an accepted message is never
+/// deleted before it was routed. The newest record of each partition is
+/// kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// Age past which records may go.
+    pub max_age: Duration,
+    /// Topics that may be trimmed without a consumer group.
+    pub unconsumed: Vec<String>,
+    /// How often the writer looks (each look deletes a bounded chunk).
+    pub check_every: Duration,
 }
 
 fn default_partitions() -> u32 {
@@ -117,6 +139,7 @@ impl EmbeddedConfig {
             dir: dir.into(),
             partitions: DEFAULT_PARTITIONS,
             max_batch: DEFAULT_MAX_BATCH,
+            retention: None,
         }
     }
 }
@@ -241,6 +264,8 @@ impl EmbeddedBus {
             topics: list,
             next,
             max_batch: config.max_batch,
+            retention: config.retention.clone(),
+            last_trim: std::time::Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("switchboard-bus-writer".into())

@@ -26,6 +26,8 @@ mod embedded;
 #[cfg(feature = "kafka")]
 mod kafka;
 
-pub use embedded::{DEFAULT_MAX_BATCH, DEFAULT_PARTITIONS, EmbeddedBus, EmbeddedConfig, LogReader};
+pub use embedded::{
+    DEFAULT_MAX_BATCH, DEFAULT_PARTITIONS, EmbeddedBus, EmbeddedConfig, LogReader, Retention,
+};
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaBus, KafkaConfig, TOPIC_CHECK_PATIENCE};

@@ -90,6 +90,8 @@ pub struct RawBus {
     pub partitions: u32,
     /// Group-commit size.
     pub max_batch: usize,
+    /// Embedded log retention ("off" or a duration).
+    pub retention: String,
     /// Kafka settings.
     pub kafka: RawKafka,
 }
@@ -338,6 +340,9 @@ pub struct Config {
     pub partitions: u32,
     /// Group-commit size.
     pub bus_max_batch: usize,
+    /// How long the embedded log keeps records every reader is past;
+    /// `None` keeps everything.
+    pub bus_retention: Option<Duration>,
     /// Records per routing transaction.
     pub router_batch: usize,
     /// Threading policy.
@@ -512,6 +517,12 @@ impl RawConfig {
                 "every token must be at least 16 characters".into(),
             );
         }
+        let bus_retention = match self.bus.retention.trim() {
+            "off" => None,
+            other => parse_duration(other)
+                .map_err(|e| problem("bus.retention", format!("{e}; or \"off\"")))
+                .ok(),
+        };
         let kafka_timeout = parse_duration(&self.bus.kafka.publish_timeout)
             .map_err(|e| problem("bus.kafka.publish_timeout", e))
             .unwrap_or_default();
@@ -867,6 +878,7 @@ impl RawConfig {
             topic_prefix: self.bus.topic_prefix.clone(),
             partitions: self.bus.partitions,
             bus_max_batch: self.bus.max_batch,
+            bus_retention,
             router_batch: self.router.batch,
             policy,
             log_format,

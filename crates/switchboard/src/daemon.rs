@@ -380,6 +380,11 @@ pub async fn open_bus(cfg: &Config, topics: &Topics) -> anyhow::Result<(Arc<dyn 
             let mut bus_cfg = EmbeddedConfig::new(cfg.data_dir.join("bus"));
             bus_cfg.partitions = cfg.partitions;
             bus_cfg.max_batch = cfg.bus_max_batch;
+            bus_cfg.retention = cfg.bus_retention.map(|max_age| switchboard_bus::Retention {
+                max_age,
+                unconsumed: vec![topics.events.clone(), topics.delivery.clone()],
+                check_every: Duration::from_secs(60),
+            });
             let embedded = Arc::new(
                 EmbeddedBus::open(bus_cfg, &topics.all())
                     .context("cannot open the embedded log")?,

@@ -517,3 +517,75 @@ async fn a_version_1_log_keeps_its_records_and_offsets() {
     assert_eq!(seen, vec![1, 2, 4]);
     bus.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_only_what_every_group_is_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |retention| EmbeddedConfig {
+        partitions: 1,
+        retention,
+        ..EmbeddedConfig::new(dir.path())
+    };
+    let retention = Retention {
+        max_age: Duration::ZERO,
+        unconsumed: vec!["ev".into()],
+        check_every: Duration::from_millis(20),
+    };
+    let topics = &["in", "ev", "dlq"];
+    let bus = EmbeddedBus::open(config(Some(retention.clone())), topics).unwrap();
+    for topic in topics {
+        for i in 0..10u32 {
+            bus.publish(topic, b"k", i.to_string().into_bytes())
+                .await
+                .unwrap();
+        }
+    }
+    let offsets = |bus: EmbeddedBus, topic: &'static str| async move {
+        bus.read_range(topic, 0, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.offset)
+            .collect::<Vec<_>>()
+    };
+    // Nothing goes before a group has read it: `in` is consumed here.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        offsets(bus.clone(), "in").await,
+        (0..10).collect::<Vec<_>>()
+    );
+    // Two groups: the slower one holds the line.
+    let mut fast = bus.subscribe("in", "fast").await.unwrap();
+    let mut slow = bus.subscribe("in", "slow").await.unwrap();
+    drain(&mut fast, 10).await;
+    fast.commit(&[(0, 10)]).await.unwrap();
+    slow.commit(&[(0, 6)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        offsets(bus.clone(), "in").await,
+        (6..10).collect::<Vec<_>>()
+    );
+    // A topic no group reads here keeps only its newest record; one that is
+    // neither read nor listed (the dead letters) keeps everything.
+    assert_eq!(offsets(bus.clone(), "ev").await, [9]);
+    assert_eq!(
+        offsets(bus.clone(), "dlq").await,
+        (0..10).collect::<Vec<_>>()
+    );
+    // Everyone past everything: the newest record stays, so the end offsets
+    // survive a reopen.
+    slow.commit(&[(0, 10)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(offsets(bus.clone(), "in").await, [9]);
+    drop((fast, slow));
+    bus.close().await;
+    drop(bus);
+    let bus = EmbeddedBus::open(config(None), topics).unwrap();
+    assert_eq!(bus.end_offsets("in").unwrap(), [10]);
+    let pos = bus.publish("ev", b"k", b"10".to_vec()).await.unwrap();
+    assert_eq!(pos.offset, 10);
+    // A new group starts at the oldest record kept.
+    let mut late = bus.subscribe("in", "late").await.unwrap();
+    let got = drain(&mut late, 1).await;
+    assert_eq!(got[0].offset, 9);
+}

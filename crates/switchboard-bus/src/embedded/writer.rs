@@ -53,7 +53,22 @@ pub(super) struct Writer {
     /// committed in the database.
     pub(super) next: Vec<Vec<u64>>,
     pub(super) max_batch: usize,
+    /// How old records are deleted, if they are.
+    pub(super) retention: Option<super::Retention>,
+    /// When records were last trimmed.
+    pub(super) last_trim: std::time::Instant,
 }
+
+/// Records deleted per partition in one trimming step, so a publish never
+/// waits long behind a trim.
+const TRIM_CHUNK: i64 = 5000;
+
+const DELETE_OLD: &str = r#"DELETE FROM records WHERE rowid IN (
+    SELECT rowid FROM records WHERE topic = ?1 AND "partition" = ?2 AND "offset" < ?3 AND ts < ?4
+    ORDER BY "offset" LIMIT ?5)"#;
+
+const MIN_COMMITTED: &str = r#"SELECT MIN(next_offset) FROM offsets
+    WHERE topic = ?1 AND "partition" = ?2"#;
 
 const INSERT_RECORD: &str = r#"INSERT INTO records (topic, "partition", "offset", key, payload, ts)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#;
@@ -71,8 +86,17 @@ impl Writer {
         loop {
             let mut batch = Vec::new();
             let mut records = 0usize;
+            self.maybe_trim();
             if !stopping {
-                match requests.recv() {
+                let next = match &self.retention {
+                    Some(r) => requests
+                        .recv_timeout(r.check_every.saturating_sub(self.last_trim.elapsed()))
+                        .map_err(|e| e == mpsc::RecvTimeoutError::Disconnected),
+                    None => requests.recv().map_err(|_| true),
+                };
+                match next {
+                    Err(false) => continue,
+                    Err(true) => break,
                     Ok(req) => admit(
                         req,
                         &mut batch,
@@ -80,7 +104,6 @@ impl Writer {
                         &mut stopping,
                         &mut shutdown_replies,
                     ),
-                    Err(mpsc::RecvError) => break,
                 }
             }
             while records < self.max_batch {
@@ -113,6 +136,58 @@ impl Writer {
     }
 
     /// Writes one batch in one transaction and answers every request in it.
+    /// Deletes records past the retention when a check is due: per
+    /// partition, at most [`TRIM_CHUNK`] records older than `max_age` and
+    /// below the lowest offset any group has committed there (topics no
+    /// group reads here, listed in `unconsumed`, need none). The newest
+    /// record of a partition is always kept: it fixes the end offset when
+    /// the log is opened again.
+    fn maybe_trim(&mut self) {
+        let Some(r) = &self.retention else { return };
+        if self.last_trim.elapsed() < r.check_every {
+            return;
+        }
+        self.last_trim = std::time::Instant::now();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let cutoff = now.saturating_sub(i64::try_from(r.max_age.as_millis()).unwrap_or(i64::MAX));
+        let mut deleted = 0usize;
+        for (ti, topic) in self.topics.iter().enumerate() {
+            let unconsumed = r.unconsumed.iter().any(|t| *t == topic.name);
+            for p in 0..topic.partitions {
+                let end = self.next[ti][p as usize];
+                if end <= 1 {
+                    continue;
+                }
+                let committed: rusqlite::Result<Option<i64>> = self
+                    .conn
+                    .prepare_cached(MIN_COMMITTED)
+                    .and_then(|mut s| s.query_row(params![topic.name, p], |row| row.get(0)));
+                let below = match committed {
+                    Ok(Some(c)) => (c as u64).min(end - 1),
+                    Ok(None) if unconsumed => end - 1,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, topic = %topic.name, "cannot read committed offsets; not trimming");
+                        continue;
+                    }
+                };
+                match self.conn.prepare_cached(DELETE_OLD).and_then(|mut s| {
+                    s.execute(params![topic.name, p, below as i64, cutoff, TRIM_CHUNK])
+                }) {
+                    Ok(n) => deleted += n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, topic = %topic.name, "trimming the log failed; will try again");
+                    }
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::debug!(deleted, "old records trimmed from the embedded log");
+        }
+    }
+
     fn process(&mut self, batch: Vec<Request>) {
         let outcome = self.apply(&batch);
         let results = match outcome {
