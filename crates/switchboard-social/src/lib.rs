@@ -26,8 +26,9 @@
 //! scoped ids that never link by themselves. WhatsApp media ids are resolved
 //! and downloaded with the number's token into the content-addressed
 //! attachment store (within `max_media_bytes`; a failed download leaves the
-//! Graph URL of the media); Messenger and Instagram attachment URLs are kept
-//! as they came. A status naming Switchboard's message id (WhatsApp echoes
+//! Graph URL of the media); so are Telegram files (`getFile` with the bot's
+//! token; one that cannot be stored keeps its `telegram-file:` id);
+//! Messenger and Instagram attachment URLs are kept as they came. A status naming Switchboard's message id (WhatsApp echoes
 //! it in `biz_opaque_callback_data`) becomes a `message.status` command;
 //! one naming only the platform's ids or a read watermark (Messenger,
 //! Instagram) becomes `message.provider_status`, which the router resolves

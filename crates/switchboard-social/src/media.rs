@@ -137,36 +137,8 @@ pub async fn fetch_whatsapp(
     let url = info["url"]
         .as_str()
         .ok_or_else(|| MediaError::Fetch("the media answer has no url".into()))?;
-    let mut resp = client
-        .get(url)
-        .bearer_auth(token.expose())
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| MediaError::Fetch(without_url(&e)))?;
-    if !resp.status().is_success() {
-        return Err(MediaError::Status(resp.status().as_u16()));
-    }
-    if resp.content_length().is_some_and(|n| n > limit) {
-        return Err(MediaError::TooLarge { limit });
-    }
-    let content_type = info["mime_type"].as_str().map(str::to_owned).or_else(|| {
-        resp.headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    });
-    let mut bytes = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| MediaError::Fetch(without_url(&e)))?
-    {
-        if bytes.len() as u64 + chunk.len() as u64 > limit {
-            return Err(MediaError::TooLarge { limit });
-        }
-        bytes.extend_from_slice(&chunk);
-    }
+    let (bytes, given_type) = download(client, url, Some(token), limit, timeout).await?;
+    let content_type = info["mime_type"].as_str().map(str::to_owned).or(given_type);
     if let Some(want) = announced_sha256 {
         let got = hex::encode(Sha256::digest(&bytes));
         // WhatsApp announces the digest as hex or base64; compare both.
@@ -178,6 +150,94 @@ pub async fn fetch_whatsapp(
             });
         }
     }
+    let store = store.clone();
+    let stored = tokio::task::spawn_blocking(move || store.put(&bytes))
+        .await
+        .map_err(|e| MediaError::Store(std::io::Error::other(e.to_string())))??;
+    Ok((stored, content_type))
+}
+
+/// GETs `url` (with `token` as a bearer token, if given) within `limit`
+/// bytes: the body and the content type the server gave.
+async fn download(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&Secret>,
+    limit: u64,
+    timeout: Duration,
+) -> Result<(Vec<u8>, Option<String>), MediaError> {
+    let mut req = client.get(url).timeout(timeout);
+    if let Some(t) = token {
+        req = req.bearer_auth(t.expose());
+    }
+    let mut resp = req
+        .send()
+        .await
+        .map_err(|e| MediaError::Fetch(without_url(&e)))?;
+    if !resp.status().is_success() {
+        return Err(MediaError::Status(resp.status().as_u16()));
+    }
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(MediaError::TooLarge { limit });
+    }
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut bytes = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| MediaError::Fetch(without_url(&e)))?
+    {
+        if bytes.len() as u64 + chunk.len() as u64 > limit {
+            return Err(MediaError::TooLarge { limit });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((bytes, content_type))
+}
+
+/// Resolves Telegram file `file_id` with the bot's token (`getFile` →
+/// `file_path`) and stores its bytes (the Bot API serves files up to
+/// 20 MB). The token is part of both URLs, so errors never show them.
+pub async fn fetch_telegram(
+    client: &reqwest::Client,
+    store: &AttachmentStore,
+    api_base: &str,
+    token: &Secret,
+    file_id: &str,
+    limit: u64,
+    timeout: Duration,
+) -> Result<(Stored, Option<String>), MediaError> {
+    let info_url = reqwest::Url::parse_with_params(
+        &format!("{api_base}/bot{}/getFile", token.expose()),
+        &[("file_id", file_id)],
+    )
+    .map_err(|_| MediaError::Fetch("the bot's api_base does not make a URL".into()))?;
+    let resp = client
+        .get(info_url)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| MediaError::Fetch(without_url(&e)))?;
+    if !resp.status().is_success() {
+        return Err(MediaError::Status(resp.status().as_u16()));
+    }
+    let info: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| MediaError::Fetch(without_url(&e)))?;
+    let file = &info["result"];
+    if file["file_size"].as_u64().is_some_and(|n| n > limit) {
+        return Err(MediaError::TooLarge { limit });
+    }
+    let path = file["file_path"]
+        .as_str()
+        .ok_or_else(|| MediaError::Fetch("getFile answered without a file_path".into()))?;
+    let url = format!("{api_base}/file/bot{}/{path}", token.expose());
+    let (bytes, content_type) = download(client, &url, None, limit, timeout).await?;
     let store = store.clone();
     let stored = tokio::task::spawn_blocking(move || store.put(&bytes))
         .await

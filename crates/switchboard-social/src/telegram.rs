@@ -19,8 +19,9 @@ use crate::common::{
     Change, ChangeKind, Malformed, Parsed, Stamp, from_secs, id_text, raw_json, scoped_identity,
 };
 
-/// The URL scheme of a Telegram file not downloaded: `telegram-file:<file_id>`
-/// (resolved with getFile and the bot token).
+/// The URL of a Telegram file on an envelope: `telegram-file:<file_id>`
+/// (resolved with getFile and the bot token, which is never put in a URL
+/// that leaves the daemon); kept after the download too.
 pub const FILE_URL_PREFIX: &str = "telegram-file:";
 
 fn str_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {

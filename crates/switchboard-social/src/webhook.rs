@@ -288,6 +288,7 @@ impl SocialChannel {
         match env.channel {
             Channel::Whatsapp => self.fetch_whatsapp_media(env).await,
             Channel::Telegram => {
+                self.fetch_telegram_files(env).await;
                 let user = &env.from.value;
                 if let Ok(true) = self.state.reachable("telegram", &env.account, user) {
                     tracing::info!(bot = %env.account, user = %user, "telegram user wrote again; reachable");
@@ -369,6 +370,60 @@ impl SocialChannel {
                     tracing::warn!(
                         key = %env.idempotency_key, %error,
                         "whatsapp media not stored; the envelope keeps its graph url"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Downloads each `telegram-file:` attachment with the bot's token into
+    /// the attachment store; one that cannot be stored keeps its file id.
+    async fn fetch_telegram_files(&self, env: &mut Envelope) {
+        let cfg = self.config();
+        let Some(bot) = cfg.telegram_account(&env.account) else {
+            return;
+        };
+        for a in &mut env.attachments {
+            let Some(file_id) = a
+                .url
+                .as_deref()
+                .and_then(|u| u.strip_prefix(telegram::FILE_URL_PREFIX))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            match media::fetch_telegram(
+                &self.client,
+                &self.media,
+                &bot.api_base,
+                &bot.bot_token,
+                &file_id,
+                cfg.max_media_bytes,
+                cfg.media_timeout,
+            )
+            .await
+            {
+                Ok((stored, content_type)) => {
+                    a.size = stored.size;
+                    a.sha256 = Some(stored.sha256);
+                    a.storage_ref = Some(stored.storage_ref);
+                    if a.content_type == "application/octet-stream"
+                        && let Some(ct) = content_type
+                    {
+                        a.content_type = ct;
+                    }
+                    self.metrics.media.with_label_values(&["stored"]).inc();
+                }
+                Err(error) => {
+                    let outcome = if matches!(error, media::MediaError::TooLarge { .. }) {
+                        "too_large"
+                    } else {
+                        "failed"
+                    };
+                    self.metrics.media.with_label_values(&[outcome]).inc();
+                    tracing::warn!(
+                        key = %env.idempotency_key, %error,
+                        "telegram file not stored; the envelope keeps its file id"
                     );
                 }
             }

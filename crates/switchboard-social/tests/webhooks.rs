@@ -137,6 +137,17 @@ async fn fake(
         }
         return (StatusCode::OK, [("content-type", "image/png")], MEDIA).into_response();
     }
+    if method == Method::GET && path == "/bot123456:ABC/getFile" {
+        let query = uri.query().unwrap_or("");
+        return match query {
+            "file_id=AgACAgLARGE" => axum::Json(json!({"ok": true, "result": {"file_id": "AgACAgLARGE", "file_unique_id": "AQADl", "file_size": MEDIA.len(), "file_path": "photos/file_7.jpg"}})).into_response(),
+            "file_id=BIGVIDEO" => axum::Json(json!({"ok": true, "result": {"file_id": "BIGVIDEO", "file_unique_id": "AQADv", "file_size": 5_000_000, "file_path": "videos/file_8.mp4"}})).into_response(),
+            _ => (StatusCode::BAD_REQUEST, axum::Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: invalid file_id"}))).into_response(),
+        };
+    }
+    if method == Method::GET && path == "/file/bot123456:ABC/photos/file_7.jpg" {
+        return (StatusCode::OK, [("content-type", "image/jpeg")], MEDIA).into_response();
+    }
     if path.ends_with("/getUpdates") {
         let offset = json_body["offset"].as_i64().unwrap_or(0);
         let pending: Vec<Value> = f
@@ -932,5 +943,48 @@ async fn telegram_polling_confirms_updates_only_after_they_are_accepted() {
     assert!(
         offsets[2..].iter().all(|o| *o == Some(10002)),
         "{offsets:?}"
+    );
+}
+
+#[tokio::test]
+async fn telegram_files_are_downloaded_with_the_bot_token_within_the_limit() {
+    let s = setup("", false).await;
+    let photo: Value = serde_json::from_slice(&fixture("telegram_forum_topic_photo.json")).unwrap();
+    assert_eq!(post_tg(&s, &photo, Some(TG_SECRET)).await, 200);
+    // The same shape naming a file over the 1,000-byte limit, and one the
+    // Bot API does not know: both keep their file id.
+    let mut big = photo.clone();
+    big["update_id"] = json!(10102);
+    big["message"]["message_id"] = json!(902);
+    big["message"]["photo"][1]["file_id"] = json!("BIGVIDEO");
+    assert_eq!(post_tg(&s, &big, Some(TG_SECRET)).await, 200);
+    let mut gone = photo.clone();
+    gone["update_id"] = json!(10103);
+    gone["message"]["message_id"] = json!(903);
+    gone["message"]["photo"][1]["file_id"] = json!("EXPIRED");
+    assert_eq!(post_tg(&s, &gone, Some(TG_SECRET)).await, 200);
+
+    let e = s.intake.envelopes();
+    assert_eq!(e.len(), 3);
+    let stored = &e[0].attachments[0];
+    let sha = hex::encode(<Sha256 as sha2::Digest>::digest(MEDIA));
+    assert_eq!(stored.sha256.as_deref(), Some(sha.as_str()));
+    assert_eq!(stored.size, MEDIA.len() as u64);
+    assert!(stored.storage_ref.is_some());
+    assert_eq!(stored.url.as_deref(), Some("telegram-file:AgACAgLARGE"));
+    for (env, id) in [(&e[1], "BIGVIDEO"), (&e[2], "EXPIRED")] {
+        let a = &env.attachments[0];
+        assert_eq!(a.storage_ref, None, "{id}");
+        assert_eq!(
+            a.url.as_deref(),
+            Some(format!("telegram-file:{id}").as_str())
+        );
+    }
+    // The large file was never fetched: its size was known first.
+    let reqs = s.fake.reqs.lock().unwrap();
+    assert!(reqs.iter().all(|r| !r.path.contains("videos/")));
+    assert!(
+        reqs.iter()
+            .any(|r| r.path == "/file/bot123456:ABC/photos/file_7.jpg")
     );
 }
