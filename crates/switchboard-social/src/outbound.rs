@@ -368,31 +368,17 @@ impl SocialOutbound {
                 tracing::warn!(%error, "cannot read the unreachable list; sending anyway")
             }
         }
-        let mut text = msg.text.clone();
-        for att in &msg.attachments {
-            if let Some(u) = &att.url {
-                if !text.is_empty() {
-                    text.push('\n');
-                }
-                text.push_str(u);
-            }
+        let (method, mut body) = telegram_message(msg)?;
+        body["chat_id"] = json!(chat);
+        if let Some(t) = topic {
+            body["message_thread_id"] = json!(t);
         }
-        if text.is_empty() {
-            return Err(SendError::Rejected {
-                status: 400,
-                code: None,
-                reason: "telegram sends text; the request has none (templates are a WhatsApp and Messenger notion)".into(),
-            });
-        }
-        let url = format!("{}/bot{}/sendMessage", a.api_base, a.bot_token.expose());
+        let url = format!("{}/bot{}/{method}", a.api_base, a.bot_token.expose());
         let resp = self
             .client
             .post(url)
             .timeout(a.timeout)
-            .json(&match topic {
-                Some(t) => json!({"chat_id": chat, "message_thread_id": t, "text": text}),
-                None => json!({"chat_id": chat, "text": text}),
-            })
+            .json(&body)
             .send()
             .await
             .map_err(|e| transport(&e, a.timeout))?;
@@ -535,6 +521,48 @@ impl Outbound for SocialOutbound {
             _ => self.send_telegram(msg).await,
         }
     }
+}
+
+/// Telegram's longest caption.
+const TELEGRAM_CAPTION: usize = 1024;
+
+/// The Bot API method and body (without the chat) of a message: one
+/// attachment with a URL goes as a photo, video, audio or document that
+/// Telegram fetches, the text as its caption; anything else (several
+/// attachments, a text too long for a caption) as text with the links.
+fn telegram_message(msg: &OutboundMessage) -> Result<(&'static str, Value), SendError> {
+    let urls: Vec<_> = msg.attachments.iter().filter(|a| a.url.is_some()).collect();
+    if let [att] = urls.as_slice()
+        && msg.text.chars().count() <= TELEGRAM_CAPTION
+        && let Some(url) = &att.url
+    {
+        let (method, field) = match att.content_type.split('/').next().unwrap_or("") {
+            "image" => ("sendPhoto", "photo"),
+            "video" => ("sendVideo", "video"),
+            "audio" => ("sendAudio", "audio"),
+            _ => ("sendDocument", "document"),
+        };
+        let mut body = json!({ field: url });
+        if !msg.text.is_empty() {
+            body["caption"] = json!(msg.text);
+        }
+        return Ok((method, body));
+    }
+    let mut text = msg.text.clone();
+    for u in urls.iter().filter_map(|a| a.url.as_deref()) {
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(u);
+    }
+    if text.is_empty() {
+        return Err(SendError::Rejected {
+            status: 400,
+            code: None,
+            reason: "telegram sends text or attachments with a URL; the request has neither (templates are a WhatsApp and Messenger notion)".into(),
+        });
+    }
+    Ok(("sendMessage", json!({ "text": text })))
 }
 
 fn only(mut it: impl Iterator<Item = String>) -> Option<String> {

@@ -167,6 +167,12 @@ async fn fake(
         return (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response();
     }
     let n = f.reqs.lock().unwrap().len();
+    if ["/sendPhoto", "/sendVideo", "/sendAudio", "/sendDocument"]
+        .iter()
+        .any(|m| path.ends_with(m))
+    {
+        return axum::Json(json!({"ok": true, "result": {"message_id": 500 + n, "chat": {"id": json_body["chat_id"]}, "date": 1}})).into_response();
+    }
     if path.ends_with("/sendMessage") {
         return axum::Json(json!({"ok": true, "result": {"message_id": 500 + n, "chat": {"id": json_body["chat_id"]}, "date": 1, "text": json_body["text"]}})).into_response();
     }
@@ -987,4 +993,52 @@ async fn telegram_files_are_downloaded_with_the_bot_token_within_the_limit() {
         reqs.iter()
             .any(|r| r.path == "/file/bot123456:ABC/photos/file_7.jpg")
     );
+}
+
+#[tokio::test]
+async fn telegram_sends_one_attachment_as_media_with_its_caption() {
+    let s = setup("", false).await;
+    let tg = adapter(&s, Channel::Telegram);
+    let user = Identity::new(IdentityKind::TelegramUser, "1111111").unwrap();
+    let att = |content_type: &str, url: &str| switchboard_core::Attachment {
+        name: None,
+        content_type: content_type.into(),
+        size: 0,
+        url: Some(url.into()),
+        storage_ref: None,
+        sha256: None,
+    };
+    let mut msg = outbound(Channel::Telegram, "123456", user);
+    for (content_type, method, field) in [
+        ("image/png", "sendPhoto", "photo"),
+        ("video/mp4", "sendVideo", "video"),
+        ("audio/ogg", "sendAudio", "audio"),
+        ("application/pdf", "sendDocument", "document"),
+    ] {
+        let url = format!("https://cdn.example.com/{field}");
+        msg.attachments = vec![att(content_type, &url)];
+        tg.send(&msg).await.unwrap();
+        let last = s.fake.sends().last().cloned().unwrap();
+        assert_eq!(last.path, format!("/bot123456:ABC/{method}"));
+        assert_eq!(last.body[field], url);
+        assert_eq!(last.body["caption"], "It ships tomorrow.");
+        assert_eq!(last.body["chat_id"], "1111111");
+    }
+    // Two attachments: one text message with both links.
+    msg.attachments = vec![
+        att("image/png", "https://cdn.example.com/a.png"),
+        att("image/png", "https://cdn.example.com/b.png"),
+    ];
+    tg.send(&msg).await.unwrap();
+    let last = s.fake.sends().last().cloned().unwrap();
+    assert_eq!(last.path, "/bot123456:ABC/sendMessage");
+    assert_eq!(
+        last.body["text"],
+        "It ships tomorrow.\nhttps://cdn.example.com/a.png\nhttps://cdn.example.com/b.png"
+    );
+    // Nothing to send at all.
+    msg.attachments.clear();
+    msg.text.clear();
+    let e = tg.send(&msg).await.unwrap_err();
+    assert!(!e.retryable(), "{e}");
 }
