@@ -805,6 +805,8 @@ impl Store for PgStore {
             open: true,
             savepoints: 0,
             failed: None,
+            outbox: Vec::new(),
+            outbox_marks: Vec::new(),
         }))
     }
 
@@ -1107,6 +1109,11 @@ struct PgTx {
     /// The first server-side failure not yet rolled back to a savepoint:
     /// PostgreSQL refuses everything but a rollback after it.
     failed: Option<StoreError>,
+    /// Outbox rows pushed in this transaction, written by one statement at
+    /// commit (nothing reads them before): a round trip per event saved.
+    outbox: Vec<(String, Vec<u8>, Vec<u8>)>,
+    /// The outbox length at each open savepoint, to undo pushes with it.
+    outbox_marks: Vec<usize>,
 }
 
 impl Drop for PgTx {
@@ -1803,27 +1810,29 @@ impl Tx for PgTx {
 
     fn push_outbox(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> Result<(), StoreError> {
         check_text([Some(topic)])?;
-        let owner = self.instance;
-        self.exec(
-            "INSERT INTO outbox (topic, key, payload, owner) VALUES ($1, $2, $3, $4)",
-            &[&topic, &key, &payload, &owner],
-        )
-        .map(drop)
+        self.outbox
+            .push((topic.to_owned(), key.to_vec(), payload.to_vec()));
+        Ok(())
     }
 
     fn savepoint(&mut self) -> Result<(), StoreError> {
+        self.outbox_marks.push(self.outbox.len());
         self.savepoints += 1;
         let sql = format!("SAVEPOINT sp{}", self.savepoints);
         self.control(&sql)
     }
 
     fn release_savepoint(&mut self) -> Result<(), StoreError> {
+        self.outbox_marks.pop();
         let n = self.savepoints;
         self.savepoints = n.saturating_sub(1);
         self.control(&format!("RELEASE SAVEPOINT sp{n}"))
     }
 
     fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
+        if let Some(mark) = self.outbox_marks.pop() {
+            self.outbox.truncate(mark);
+        }
         let n = self.savepoints;
         self.savepoints = n.saturating_sub(1);
         match self.conn.client.batch_execute(&format!(
@@ -2050,6 +2059,29 @@ impl Tx for PgTx {
                 )),
                 other => other,
             });
+        }
+        if !self.outbox.is_empty() {
+            let rows = std::mem::take(&mut self.outbox);
+            let mut topics = Vec::with_capacity(rows.len());
+            let mut keys = Vec::with_capacity(rows.len());
+            let mut payloads = Vec::with_capacity(rows.len());
+            for (t, k, p) in rows {
+                topics.push(t);
+                keys.push(k);
+                payloads.push(p);
+            }
+            let owner = self.instance;
+            // In push order: `seq` is assigned as the rows come, ordered.
+            if let Err(e) = self.exec(
+                "INSERT INTO outbox (topic, key, payload, owner) \
+                 SELECT t, k, p, $4 FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
+                 WITH ORDINALITY AS u(t, k, p, n) ORDER BY n",
+                &[&topics, &keys, &payloads, &owner],
+            ) {
+                self.open = false;
+                self.conn.control("ROLLBACK")?;
+                return Err(e);
+            }
         }
         self.open = false;
         self.conn.control("COMMIT")

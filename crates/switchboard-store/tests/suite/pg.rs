@@ -358,21 +358,59 @@ fn concurrent_publishers_never_share_a_row() {
 fn outbox_done_keeps_rows_that_committed_late() {
     let schema = schema!("outbox_done_keeps_rows_that_committed_late");
     let s = schema.open(3).unwrap();
-    // The first transaction takes the lower seq but commits last.
-    let mut slow = s.begin().unwrap();
-    slow.push_outbox("events", b"slow", b"").unwrap();
+    // A transaction of this instance takes the lower seq but commits last.
+    // (The store writes a transaction's outbox rows at its commit, so this
+    // window is short; a plain client holds it open here.)
+    let mut slow = postgres::Client::connect(&schema.url(), postgres::NoTls).unwrap();
+    slow.batch_execute("BEGIN").unwrap();
+    slow.execute(
+        "INSERT INTO outbox (topic, key, payload, owner) VALUES ('events', 'slow', '', $1)",
+        &[&s.instance_id()],
+    )
+    .unwrap();
     let mut quick = s.begin().unwrap();
     quick.push_outbox("events", b"quick", b"").unwrap();
     quick.commit().unwrap();
     let first = s.outbox(10).unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].key, b"quick");
-    slow.commit().unwrap();
+    slow.batch_execute("COMMIT").unwrap();
     s.outbox_done(first[0].seq).unwrap();
     let rest = s.outbox(10).unwrap();
     assert_eq!(rest.len(), 1, "the late row was not published yet");
     assert_eq!(rest[0].key, b"slow");
     assert!(rest[0].seq < first[0].seq);
+}
+
+#[test]
+fn outbox_rows_keep_their_order_and_savepoints_undo_theirs() {
+    let schema = schema!("outbox_rows_keep_their_order_and_savepoints_undo_theirs");
+    let s = schema.open(1).unwrap();
+    let mut tx = s.begin().unwrap();
+    tx.push_outbox("events", b"1", b"").unwrap();
+    tx.savepoint().unwrap();
+    tx.push_outbox("events", b"undone", b"").unwrap();
+    tx.rollback_to_savepoint().unwrap();
+    tx.savepoint().unwrap();
+    tx.push_outbox("events", b"2", b"").unwrap();
+    tx.release_savepoint().unwrap();
+    for i in 3..=300 {
+        tx.push_outbox("events", i.to_string().as_bytes(), b"")
+            .unwrap();
+    }
+    tx.commit().unwrap();
+    let rows = s.outbox(1000).unwrap();
+    let keys: Vec<String> = rows
+        .iter()
+        .map(|r| String::from_utf8(r.key.clone()).unwrap())
+        .collect();
+    let want: Vec<String> = (1..=300).map(|i| i.to_string()).collect();
+    assert_eq!(keys, want);
+    // A dropped transaction writes none.
+    let mut tx = s.begin().unwrap();
+    tx.push_outbox("events", b"dropped", b"").unwrap();
+    drop(tx);
+    assert_eq!(s.outbox(1000).unwrap().len(), 300);
 }
 
 #[test]
