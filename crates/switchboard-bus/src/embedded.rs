@@ -120,7 +120,8 @@ pub struct Retention {
     pub max_age: Duration,
     /// Topics that may be trimmed without a consumer group.
     pub unconsumed: Vec<String>,
-    /// How often the writer looks (each look deletes a bounded chunk).
+    /// How often the writer looks; each look deletes a bounded chunk, and
+    /// while more is due the next follows within a fraction of a second.
     pub check_every: Duration,
 }
 
@@ -264,8 +265,12 @@ impl EmbeddedBus {
             topics: list,
             next,
             max_batch: config.max_batch,
+            next_trim: std::time::Instant::now()
+                + config
+                    .retention
+                    .as_ref()
+                    .map_or(Duration::ZERO, |r| r.check_every),
             retention: config.retention.clone(),
-            last_trim: std::time::Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("switchboard-bus-writer".into())

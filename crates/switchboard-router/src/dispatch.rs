@@ -931,7 +931,15 @@ impl PrepareCtx {
                 }
             }
         }
-        let account = account.unwrap_or_default();
+        // Recorded as the account's own id (the number, page id, address…),
+        // which is how the provider's webhooks name it, not by the config
+        // name a request may have used: statuses and echoes are matched
+        // against the record by that id.
+        let account = sender
+            .as_ref()
+            .map(|s| s.value.clone())
+            .or(account)
+            .unwrap_or_default();
         let from = sender.unwrap_or_else(|| Identity {
             kind: kind_for(channel),
             value: if account.is_empty() {

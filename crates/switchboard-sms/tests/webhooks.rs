@@ -648,7 +648,15 @@ async fn incomplete_concat_sets_are_published_after_the_timeout() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.intake.envelopes().is_empty() {
+    // The set is counted after it is handed over (and after the part store
+    // marks it published, on the blocking pool): wait for both.
+    let counted = || {
+        s.metric(
+            "switchboard_sms_concat_sets_total",
+            &[("result", "incomplete")],
+        ) >= 1.0
+    };
+    while s.intake.envelopes().is_empty() || !counted() {
         assert!(
             std::time::Instant::now() < deadline,
             "the timer never published"

@@ -368,23 +368,39 @@ impl SocialOutbound {
                 tracing::warn!(%error, "cannot read the unreachable list; sending anyway")
             }
         }
-        let (method, mut body) = telegram_message(msg)?;
-        body["chat_id"] = json!(chat);
-        if let Some(t) = topic {
-            body["message_thread_id"] = json!(t);
-        }
-        let url = format!("{}/bot{}/{method}", a.api_base, a.bot_token.expose());
-        let resp = self
-            .client
-            .post(url)
-            .timeout(a.timeout)
-            .json(&body)
-            .send()
+        let (method, body) = telegram_message(msg, true)?;
+        let post = |method: &'static str, mut body: Value| {
+            body["chat_id"] = json!(chat);
+            if let Some(t) = topic {
+                body["message_thread_id"] = json!(t);
+            }
+            let url = format!("{}/bot{}/{method}", a.api_base, a.bot_token.expose());
+            self.client.post(url).timeout(a.timeout).json(&body).send()
+        };
+        let read = |resp: reqwest::Response| async move {
+            let status = resp.status().as_u16();
+            let advised = retry_after(resp.headers());
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            (status, advised, body)
+        };
+        let resp = post(method, body)
             .await
             .map_err(|e| transport(&e, a.timeout))?;
-        let status = resp.status().as_u16();
-        let advised = retry_after(resp.headers());
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let (mut status, mut advised, mut body) = read(resp).await;
+        let refused = body["error_code"].as_i64().unwrap_or(i64::from(status)) == 400;
+        if method != "sendMessage" && refused {
+            // Telegram could not take the URL as that media (a format or a
+            // size it refuses): the link goes as text instead.
+            tracing::info!(
+                bot = %a.bot_id, method, answer = %body["description"],
+                "telegram refused the attachment as media; sending it as a link"
+            );
+            let (method, text) = telegram_message(msg, false)?;
+            let resp = post(method, text)
+                .await
+                .map_err(|e| transport(&e, a.timeout))?;
+            (status, advised, body) = read(resp).await;
+        }
         if body["ok"].as_bool() == Some(true) {
             let id = body["result"]["message_id"]
                 .as_i64()
@@ -530,10 +546,16 @@ const TELEGRAM_CAPTION: usize = 1024;
 /// attachment with a URL goes as a photo, video, audio or document that
 /// Telegram fetches, the text as its caption; anything else (several
 /// attachments, a text too long for a caption) as text with the links.
-fn telegram_message(msg: &OutboundMessage) -> Result<(&'static str, Value), SendError> {
+/// `as_media` false: always text with the links.
+fn telegram_message(
+    msg: &OutboundMessage,
+    as_media: bool,
+) -> Result<(&'static str, Value), SendError> {
     let urls: Vec<_> = msg.attachments.iter().filter(|a| a.url.is_some()).collect();
     if let [att] = urls.as_slice()
-        && msg.text.chars().count() <= TELEGRAM_CAPTION
+        && as_media
+        // Telegram counts a caption's length in UTF-16 code units.
+        && msg.text.encode_utf16().count() <= TELEGRAM_CAPTION
         && let Some(url) = &att.url
     {
         let (method, field) = match att.content_type.split('/').next().unwrap_or("") {

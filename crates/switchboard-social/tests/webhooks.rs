@@ -167,6 +167,13 @@ async fn fake(
         return (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response();
     }
     let n = f.reqs.lock().unwrap().len();
+    if path.ends_with("/sendPhoto")
+        && json_body["photo"]
+            .as_str()
+            .is_some_and(|u| u.contains("refuse"))
+    {
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: wrong type of the web page content"}))).into_response();
+    }
     if ["/sendPhoto", "/sendVideo", "/sendAudio", "/sendDocument"]
         .iter()
         .any(|m| path.ends_with(m))
@@ -1035,6 +1042,26 @@ async fn telegram_sends_one_attachment_as_media_with_its_caption() {
     assert_eq!(
         last.body["text"],
         "It ships tomorrow.\nhttps://cdn.example.com/a.png\nhttps://cdn.example.com/b.png"
+    );
+    // Telegram refuses the URL as a photo: the link goes as text.
+    msg.attachments = vec![att("image/svg+xml", "https://cdn.example.com/refuse.svg")];
+    tg.send(&msg).await.unwrap();
+    let sent = s.fake.sends();
+    let (photo, text) = (&sent[sent.len() - 2], &sent[sent.len() - 1]);
+    assert_eq!(photo.path, "/bot123456:ABC/sendPhoto");
+    assert_eq!(text.path, "/bot123456:ABC/sendMessage");
+    assert_eq!(
+        text.body["text"],
+        "It ships tomorrow.\nhttps://cdn.example.com/refuse.svg"
+    );
+    // A caption is measured as Telegram does, in UTF-16 units: 600 emoji
+    // are 1,200 of them, too long for a caption.
+    msg.attachments = vec![att("image/png", "https://cdn.example.com/ok.png")];
+    msg.text = "🙏".repeat(600);
+    tg.send(&msg).await.unwrap();
+    assert_eq!(
+        s.fake.sends().last().unwrap().path,
+        "/bot123456:ABC/sendMessage"
     );
     // Nothing to send at all.
     msg.attachments.clear();

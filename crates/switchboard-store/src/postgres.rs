@@ -29,11 +29,13 @@
 //!   savepoint) reports that failure instead of silently rolling back.
 //!
 //! The outbox: every row has an `owner`, the instance that wrote it (each
-//! [`PgStore`] is one instance, with a fresh id). [`Store::outbox`] claims
-//! the owner's rows, plus rows whose owner has not touched them for the
-//! outbox lease (a crashed or stuck instance), with `FOR UPDATE SKIP LOCKED`,
-//! so two publishers never hold the same row; [`Store::outbox_done`] deletes
-//! only rows this instance claimed. See [`PgStore::with_outbox_lease`].
+//! [`PgStore`] is one instance, with a fresh id); a transaction's rows are
+//! written at its commit, in the order they were pushed. [`Store::outbox`]
+//! claims the owner's rows, plus all rows, in order, of an owner that has
+//! left one untouched for the outbox lease (a crashed or stuck instance),
+//! with `FOR UPDATE SKIP LOCKED`, so two publishers never hold the same row;
+//! [`Store::outbox_done`] deletes only rows this instance claimed. See
+//! [`PgStore::with_outbox_lease`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -959,16 +961,15 @@ impl Store for PgStore {
         let lease_ms = i64::try_from(self.outbox_lease.as_millis()).unwrap_or(i64::MAX);
         let mut conn = self.conn()?;
         // Own rows first, on the (owner, seq) index; then, if there is
-        // room, rows whose owner let the lease run out, on the touched_at
-        // index (ordered by it, so the planner walks that index and not
-        // the whole table in seq order). One OR over both made the planner
-        // walk the whole table. Each statement is atomic: it skips rows
-        // another publisher is claiming right now. Claiming renews the
-        // lease of a row touched more than a quarter lease ago; a fresher
-        // row keeps its time, so the update changes no indexed column and
-        // stays on its page (a HOT update, no new index entries to wade
-        // through). A publisher re-checking a row another just took over
-        // finds it touched and skips it.
+        // room, the rows of owners that let the lease run out on one of
+        // them. One OR over both made the planner walk the whole table.
+        // Each statement is atomic: it skips rows another publisher is
+        // claiming right now. Claiming renews the lease of a row touched
+        // more than a quarter lease ago; a fresher row keeps its time, so
+        // the update changes no indexed column and stays on its page (a HOT
+        // update, no new index entries to wade through). A publisher
+        // looking for lapsed owners after another took them over finds the
+        // rows owned and touched anew and leaves them.
         let mut claimed = conn
             .query(
                 "UPDATE outbox o SET claimed = true, \
@@ -982,20 +983,39 @@ impl Store for PgStore {
             )
             .map_err(pg_err)?;
         if claimed.len() < limit {
-            let room = limit - claimed.len();
-            claimed.extend(
-                conn.query(
-                    "UPDATE outbox o SET owner = $1, claimed = true, touched_at = clock_timestamp() \
-                     FROM (SELECT seq FROM outbox \
-                           WHERE touched_at < clock_timestamp() - $2::bigint * interval '1 millisecond' \
-                             AND owner <> $1 \
-                           ORDER BY touched_at LIMIT $3 FOR UPDATE SKIP LOCKED) AS pick \
-                     WHERE o.seq = pick.seq \
-                     RETURNING o.seq, o.topic, o.key, o.payload",
-                    &[&self.instance, &lease_ms, &limit_param(room)],
+            // Owners with a row past the lease (found on the touched_at
+            // index) are taken over whole, in seq order, so one owner's
+            // events keep their order even when some of its rows were
+            // renewed more recently than others.
+            let lapsed: Vec<Uuid> = conn
+                .query(
+                    "SELECT DISTINCT owner FROM outbox \
+                     WHERE touched_at < clock_timestamp() - $2::bigint * interval '1 millisecond' \
+                       AND owner <> $1 \
+                     LIMIT 16",
+                    &[&self.instance, &lease_ms],
                 )
-                .map_err(pg_err)?,
-            );
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| col(r, 0))
+                .collect::<Result<_, _>>()?;
+            for dead in lapsed {
+                let room = limit - claimed.len();
+                if room == 0 {
+                    break;
+                }
+                claimed.extend(
+                    conn.query(
+                        "UPDATE outbox o SET owner = $1, claimed = true, touched_at = clock_timestamp() \
+                         FROM (SELECT seq FROM outbox WHERE owner = $2 \
+                               ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) AS pick \
+                         WHERE o.seq = pick.seq \
+                         RETURNING o.seq, o.topic, o.key, o.payload",
+                        &[&self.instance, &dead, &limit_param(room)],
+                    )
+                    .map_err(pg_err)?,
+                );
+            }
         }
         let mut records = rows(claimed, |r| {
             Ok(OutboxRecord {

@@ -207,8 +207,8 @@ CREATE INDEX outbound_provider_id ON outbound (provider_message_id)
 CREATE INDEX outbound_recipient ON outbound (to_value, channel, account, updated_at);
 "#,
     r#"
--- (PostgreSQL tunes its outbox table's storage here; SQLite has nothing to
--- change. Kept so both backends count the same schema versions.)
+-- (Here PostgreSQL tunes its outbox table's storage; SQLite has nothing to
+-- change, and the step is kept so both lists grow together.)
 SELECT 1;
 "#,
     r#"

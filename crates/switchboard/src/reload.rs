@@ -105,9 +105,24 @@ pub fn needs_restart(old: &RawConfig, new: &RawConfig) -> Vec<String> {
     keys.sort_unstable();
     keys.dedup();
     keys.into_iter()
-        .filter(|k| old.keys.get(*k) != new.keys.get(*k) && !reloadable(k))
+        .filter(|k| {
+            let (a, b) = (old.keys.get(*k), new.keys.get(*k));
+            a != b && (!reloadable(k) || !same_owner(old, new, k))
+        })
         .cloned()
         .collect()
+}
+
+/// Whether the thing a credential key belongs to (an account, a bot) is
+/// configured on both sides: a credential may change, but an account that
+/// appears or goes with only credential keys is a new or a removed account.
+fn same_owner(old: &RawConfig, new: &RawConfig, key: &str) -> bool {
+    let Some((owner, _)) = key.rsplit_once('.') else {
+        return true;
+    };
+    let prefix = format!("{owner}.");
+    let configured = |c: &RawConfig| c.keys.keys().any(|k| k.starts_with(&prefix));
+    configured(old) && configured(new)
 }
 
 impl Reloader {
@@ -121,6 +136,22 @@ impl Reloader {
                 "these settings changed and need a restart: {}; nothing was applied",
                 fixed.join(", ")
             ));
+        }
+        // A bot token is the bot's id too: a token of another bot is a new
+        // account (its updates, its offset), not a rotated credential.
+        if let (Some(social), Some(next)) = (&running.social, &cfg.social) {
+            let now = social.config();
+            for (name, bot) in &next.telegram {
+                if now
+                    .telegram
+                    .get(name)
+                    .is_some_and(|b| b.bot_id != bot.bot_id)
+                {
+                    return Err(format!(
+                        "channels.social.telegram.{name}.bot_token belongs to another bot and needs a restart; nothing was applied"
+                    ));
+                }
+            }
         }
         // Built before anything is swapped, so a failure changes nothing.
         let api = crate::daemon::api_channel(&cfg).map_err(|e| format!("{e:#}"))?;
@@ -173,7 +204,42 @@ impl Reloader {
 
 #[cfg(test)]
 mod tests {
-    use super::reloadable;
+    use super::{needs_restart, reloadable};
+    use crate::config::RawConfig;
+
+    fn raw(keys: &[(&str, &str)]) -> RawConfig {
+        let mut c = crate::config::load(
+            None,
+            &std::collections::HashMap::new(),
+            &crate::config::Overrides::default(),
+        )
+        .unwrap();
+        for (k, v) in keys {
+            c.keys.insert((*k).to_owned(), (*v).to_owned());
+        }
+        c
+    }
+
+    #[test]
+    fn a_new_or_removed_account_is_not_a_credential_change() {
+        let bot = "channels.social.telegram.bot";
+        let old = raw(&[(&format!("{bot}.bot_token"), "1:a")]);
+        // Rotated, inline or moved to a file: a credential change.
+        let rotated = raw(&[(&format!("{bot}.bot_token"), "1:b")]);
+        assert!(needs_restart(&old, &rotated).is_empty());
+        let filed = raw(&[(&format!("{bot}.bot_token_file"), "/run/bot")]);
+        assert!(needs_restart(&old, &filed).is_empty());
+        // A second bot written with credentials only, or the bot removed.
+        let added = raw(&[
+            (&format!("{bot}.bot_token"), "1:a"),
+            ("channels.social.telegram.other.bot_token", "2:c"),
+        ]);
+        assert_eq!(
+            needs_restart(&old, &added),
+            ["channels.social.telegram.other.bot_token"]
+        );
+        assert_eq!(needs_restart(&old, &raw(&[])), [format!("{bot}.bot_token")]);
+    }
 
     #[test]
     fn credentials_reload_and_the_rest_needs_a_restart() {

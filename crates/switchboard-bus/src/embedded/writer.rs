@@ -55,13 +55,15 @@ pub(super) struct Writer {
     pub(super) max_batch: usize,
     /// How old records are deleted, if they are.
     pub(super) retention: Option<super::Retention>,
-    /// When records were last trimmed.
-    pub(super) last_trim: std::time::Instant,
+    /// When the next trimming step is due.
+    pub(super) next_trim: std::time::Instant,
 }
 
-/// Records deleted per partition in one trimming step, so a publish never
-/// waits long behind a trim.
+/// Records deleted in one trimming step, so a publish never waits long
+/// behind a trim; while there is more to delete, the next step follows
+/// after [`TRIM_PAUSE`].
 const TRIM_CHUNK: i64 = 5000;
+const TRIM_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
 const DELETE_OLD: &str = r#"DELETE FROM records WHERE rowid IN (
     SELECT rowid FROM records WHERE topic = ?1 AND "partition" = ?2 AND "offset" < ?3 AND ts < ?4
@@ -89,8 +91,11 @@ impl Writer {
             self.maybe_trim();
             if !stopping {
                 let next = match &self.retention {
-                    Some(r) => requests
-                        .recv_timeout(r.check_every.saturating_sub(self.last_trim.elapsed()))
+                    Some(_) => requests
+                        .recv_timeout(
+                            self.next_trim
+                                .saturating_duration_since(std::time::Instant::now()),
+                        )
                         .map_err(|e| e == mpsc::RecvTimeoutError::Disconnected),
                     None => requests.recv().map_err(|_| true),
                 };
@@ -135,27 +140,29 @@ impl Writer {
         }
     }
 
-    /// Writes one batch in one transaction and answers every request in it.
-    /// Deletes records past the retention when a check is due: per
-    /// partition, at most [`TRIM_CHUNK`] records older than `max_age` and
-    /// below the lowest offset any group has committed there (topics no
-    /// group reads here, listed in `unconsumed`, need none). The newest
-    /// record of a partition is always kept: it fixes the end offset when
-    /// the log is opened again.
+    /// Deletes records past the retention when a step is due: at most
+    /// [`TRIM_CHUNK`] in all, each older than `max_age` and below the lowest
+    /// offset any group has committed on its partition (topics no group
+    /// reads here, listed in `unconsumed`, need none). The newest record of
+    /// a partition is always kept: it fixes the end offset when the log is
+    /// opened again.
     fn maybe_trim(&mut self) {
         let Some(r) = &self.retention else { return };
-        if self.last_trim.elapsed() < r.check_every {
+        let now_instant = std::time::Instant::now();
+        if now_instant < self.next_trim {
             return;
         }
-        self.last_trim = std::time::Instant::now();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let cutoff = now.saturating_sub(i64::try_from(r.max_age.as_millis()).unwrap_or(i64::MAX));
-        let mut deleted = 0usize;
-        for (ti, topic) in self.topics.iter().enumerate() {
+        let mut budget = TRIM_CHUNK;
+        'topics: for (ti, topic) in self.topics.iter().enumerate() {
             let unconsumed = r.unconsumed.iter().any(|t| *t == topic.name);
             for p in 0..topic.partitions {
+                if budget == 0 {
+                    break 'topics;
+                }
                 let end = self.next[ti][p as usize];
                 if end <= 1 {
                     continue;
@@ -174,20 +181,29 @@ impl Writer {
                     }
                 };
                 match self.conn.prepare_cached(DELETE_OLD).and_then(|mut s| {
-                    s.execute(params![topic.name, p, below as i64, cutoff, TRIM_CHUNK])
+                    s.execute(params![topic.name, p, below as i64, cutoff, budget])
                 }) {
-                    Ok(n) => deleted += n,
+                    Ok(n) => budget -= n as i64,
                     Err(e) => {
                         tracing::warn!(error = %e, topic = %topic.name, "trimming the log failed; will try again");
                     }
                 }
             }
         }
+        let deleted = TRIM_CHUNK - budget;
         if deleted > 0 {
             tracing::debug!(deleted, "old records trimmed from the embedded log");
         }
+        // More may be waiting: come back soon, between publishes.
+        self.next_trim = now_instant
+            + if budget == 0 {
+                TRIM_PAUSE
+            } else {
+                r.check_every
+            };
     }
 
+    /// Writes one batch in one transaction and answers every request in it.
     fn process(&mut self, batch: Vec<Request>) {
         let outcome = self.apply(&batch);
         let results = match outcome {
