@@ -117,20 +117,7 @@ pub async fn fetch_whatsapp(
     timeout: Duration,
 ) -> Result<(Stored, Option<String>), MediaError> {
     let info_url = format!("{graph_base}/{version}/{media_id}");
-    let resp = client
-        .get(&info_url)
-        .bearer_auth(token.expose())
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| MediaError::Fetch(without_url(&e)))?;
-    if !resp.status().is_success() {
-        return Err(MediaError::Status(resp.status().as_u16()));
-    }
-    let info: serde_json::Value = resp
-        .json()
-        .await
-        .map_err(|e| MediaError::Fetch(without_url(&e)))?;
+    let info = get_json(client, &info_url, Some(token), timeout).await?;
     if info["file_size"].as_u64().is_some_and(|n| n > limit) {
         return Err(MediaError::TooLarge { limit });
     }
@@ -155,6 +142,30 @@ pub async fn fetch_whatsapp(
         .await
         .map_err(|e| MediaError::Store(std::io::Error::other(e.to_string())))??;
     Ok((stored, content_type))
+}
+
+/// GETs a JSON answer from `url` (with `token` as a bearer token, if
+/// given).
+async fn get_json(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&Secret>,
+    timeout: Duration,
+) -> Result<serde_json::Value, MediaError> {
+    let mut req = client.get(url).timeout(timeout);
+    if let Some(t) = token {
+        req = req.bearer_auth(t.expose());
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| MediaError::Fetch(without_url(&e)))?;
+    if !resp.status().is_success() {
+        return Err(MediaError::Status(resp.status().as_u16()));
+    }
+    resp.json()
+        .await
+        .map_err(|e| MediaError::Fetch(without_url(&e)))
 }
 
 /// GETs `url` (with `token` as a bearer token, if given) within `limit`
@@ -216,19 +227,7 @@ pub async fn fetch_telegram(
         &[("file_id", file_id)],
     )
     .map_err(|_| MediaError::Fetch("the bot's api_base does not make a URL".into()))?;
-    let resp = client
-        .get(info_url)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| MediaError::Fetch(without_url(&e)))?;
-    if !resp.status().is_success() {
-        return Err(MediaError::Status(resp.status().as_u16()));
-    }
-    let info: serde_json::Value = resp
-        .json()
-        .await
-        .map_err(|e| MediaError::Fetch(without_url(&e)))?;
+    let info = get_json(client, info_url.as_str(), None, timeout).await?;
     let file = &info["result"];
     if file["file_size"].as_u64().is_some_and(|n| n > limit) {
         return Err(MediaError::TooLarge { limit });

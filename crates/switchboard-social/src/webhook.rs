@@ -334,7 +334,7 @@ impl SocialChannel {
                 "{}/{}/{media_id}",
                 cfg.meta.graph_api_base, cfg.meta.graph_api_version
             );
-            match media::fetch_whatsapp(
+            let fetched = media::fetch_whatsapp(
                 &self.client,
                 &self.media,
                 &cfg.meta.graph_api_base,
@@ -345,33 +345,42 @@ impl SocialChannel {
                 cfg.max_media_bytes,
                 cfg.media_timeout,
             )
-            .await
-            {
-                Ok((stored, content_type)) => {
-                    a.size = stored.size;
-                    a.sha256 = Some(stored.sha256);
-                    a.storage_ref = Some(stored.storage_ref);
-                    a.url = Some(graph);
-                    if a.content_type == "application/octet-stream"
-                        && let Some(ct) = content_type
-                    {
-                        a.content_type = ct;
-                    }
-                    self.metrics.media.with_label_values(&["stored"]).inc();
+            .await;
+            // The envelope names the media by its Graph URL from here on.
+            a.url = Some(graph);
+            self.record_media(a, fetched, &env.idempotency_key, "whatsapp media");
+        }
+    }
+
+    /// Sets what a download stored on the attachment (or counts why it did
+    /// not; the attachment keeps naming the media then), and counts it.
+    fn record_media(
+        &self,
+        a: &mut switchboard_core::Attachment,
+        fetched: Result<(media::Stored, Option<String>), media::MediaError>,
+        key: &str,
+        what: &str,
+    ) {
+        match fetched {
+            Ok((stored, content_type)) => {
+                a.size = stored.size;
+                a.sha256 = Some(stored.sha256);
+                a.storage_ref = Some(stored.storage_ref);
+                if a.content_type == "application/octet-stream"
+                    && let Some(ct) = content_type
+                {
+                    a.content_type = ct;
                 }
-                Err(error) => {
-                    a.url = Some(graph);
-                    let outcome = if matches!(error, media::MediaError::TooLarge { .. }) {
-                        "too_large"
-                    } else {
-                        "failed"
-                    };
-                    self.metrics.media.with_label_values(&[outcome]).inc();
-                    tracing::warn!(
-                        key = %env.idempotency_key, %error,
-                        "whatsapp media not stored; the envelope keeps its graph url"
-                    );
-                }
+                self.metrics.media.with_label_values(&["stored"]).inc();
+            }
+            Err(error) => {
+                let outcome = if matches!(error, media::MediaError::TooLarge { .. }) {
+                    "too_large"
+                } else {
+                    "failed"
+                };
+                self.metrics.media.with_label_values(&[outcome]).inc();
+                tracing::warn!(key, %error, what, "media not stored; the envelope keeps naming it");
             }
         }
     }
@@ -392,7 +401,7 @@ impl SocialChannel {
             else {
                 continue;
             };
-            match media::fetch_telegram(
+            let fetched = media::fetch_telegram(
                 &self.client,
                 &self.media,
                 &bot.api_base,
@@ -401,32 +410,8 @@ impl SocialChannel {
                 cfg.max_media_bytes,
                 cfg.media_timeout,
             )
-            .await
-            {
-                Ok((stored, content_type)) => {
-                    a.size = stored.size;
-                    a.sha256 = Some(stored.sha256);
-                    a.storage_ref = Some(stored.storage_ref);
-                    if a.content_type == "application/octet-stream"
-                        && let Some(ct) = content_type
-                    {
-                        a.content_type = ct;
-                    }
-                    self.metrics.media.with_label_values(&["stored"]).inc();
-                }
-                Err(error) => {
-                    let outcome = if matches!(error, media::MediaError::TooLarge { .. }) {
-                        "too_large"
-                    } else {
-                        "failed"
-                    };
-                    self.metrics.media.with_label_values(&[outcome]).inc();
-                    tracing::warn!(
-                        key = %env.idempotency_key, %error,
-                        "telegram file not stored; the envelope keeps its file id"
-                    );
-                }
-            }
+            .await;
+            self.record_media(a, fetched, &env.idempotency_key, "telegram file");
         }
     }
 
