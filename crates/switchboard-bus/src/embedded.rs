@@ -112,8 +112,10 @@ pub struct EmbeddedConfig {
 /// it; on a partition no group has committed on, only for the topics in
 /// `unconsumed` (those no consumer in this process reads, such as
 /// `events.v1`), never for the others, so an accepted message is never
-/// deleted before it was routed. The newest record of each partition is
-/// kept.
+/// deleted before it was routed. A group counts from its first commit: a
+/// second group subscribing to a topic another group already consumes
+/// reads from the oldest record kept then. The newest record of each
+/// partition is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retention {
     /// Age past which records may go.
