@@ -107,9 +107,10 @@ pub enum SocialError {
 pub struct SocialMetrics {
     /// Webhook requests by platform (`meta`, `telegram`) and outcome.
     pub webhooks: IntCounterVec,
-    /// WhatsApp media downloads by outcome.
+    /// WhatsApp media and Telegram file downloads by outcome.
     pub media: IntCounterVec,
-    /// Statuses naming a message this instance did not send, by channel.
+    /// Status reports naming no message (a delivery watermark without
+    /// ids), acknowledged without a record, by channel.
     pub unmatched: IntCounterVec,
     /// Edits, reactions and deletions received, by channel.
     pub changes: IntCounterVec,
@@ -129,14 +130,14 @@ impl SocialMetrics {
             media: IntCounterVec::new(
                 Opts::new(
                     "switchboard_social_media_total",
-                    "whatsapp media downloads, by outcome",
+                    "whatsapp media and telegram file downloads, by outcome",
                 ),
                 &["outcome"],
             )?,
             unmatched: IntCounterVec::new(
                 Opts::new(
                     "switchboard_social_unmatched_statuses_total",
-                    "statuses of messages this instance did not send, by channel",
+                    "status reports naming no message, acknowledged without a record, by channel",
                 ),
                 &["channel"],
             )?,
