@@ -362,6 +362,26 @@ impl Router {
         Ok(())
     }
 
+    /// Tells the store which idempotency keys and identities routing (or
+    /// resolving) these envelopes will look up, so it can read them in one
+    /// go ([`Tx::prefetch`]). Answers do not change; only round trips do.
+    pub fn prefetch(&self, tx: &mut dyn Tx, envelopes: &[&Envelope]) -> Result<(), StoreError> {
+        let keys: Vec<&str> = envelopes
+            .iter()
+            .map(|e| e.idempotency_key.as_str())
+            .collect();
+        let twins: Vec<Identity> = envelopes
+            .iter()
+            .filter_map(|e| phone_twin(e.customer_identity()))
+            .collect();
+        let identities: Vec<&Identity> = envelopes
+            .iter()
+            .map(|e| e.customer_identity())
+            .chain(&twins)
+            .collect();
+        tx.prefetch(&keys, &identities)
+    }
+
     /// Routes one envelope. Idempotent on its key.
     pub fn route(&self, tx: &mut dyn Tx, env: &Envelope) -> Result<Routed, RouteError> {
         if let Some(change) = &env.change {

@@ -651,6 +651,18 @@ fn route_decoded(
     savepoints: bool,
 ) -> Result<Option<Vec<Outcome>>, StoreError> {
     let mut tx = store.begin()?;
+    // Every envelope's idempotency key and identity are looked up: one
+    // statement for the batch instead of one each (PostgreSQL).
+    let envelopes: Vec<&Envelope> = decoded
+        .iter()
+        .filter_map(|d| match d {
+            Ok(Decoded::Envelope(e)) => Some(&**e),
+            _ => None,
+        })
+        .collect();
+    if !envelopes.is_empty() {
+        router.prefetch(&mut *tx, &envelopes)?;
+    }
     let mut outcomes = Vec::with_capacity(decoded.len());
     for d in decoded {
         let d = match d {

@@ -161,6 +161,15 @@ pub trait Store: Send + Sync + 'static {
 
 /// One write transaction. Dropped without [`Tx::commit`], it rolls back.
 pub trait Tx {
+    /// Says which idempotency keys and identities this transaction is about
+    /// to look up ([`Tx::message_by_key`], [`Tx::owner_of`]), so a store
+    /// that pays a round trip per statement can read them all at once. The
+    /// answers of those lookups stay exactly what they would be without
+    /// it, this transaction's own writes included. The default does nothing.
+    fn prefetch(&mut self, keys: &[&str], identities: &[&Identity]) -> Result<(), StoreError> {
+        let _ = (keys, identities);
+        Ok(())
+    }
     /// The stored message with this idempotency key, if any.
     fn message_by_key(&mut self, key: &str) -> Result<Option<MessageRef>, StoreError>;
     /// The customer owning an identity.

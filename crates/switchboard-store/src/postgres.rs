@@ -809,6 +809,7 @@ impl Store for PgStore {
             failed: None,
             outbox: Vec::new(),
             outbox_marks: Vec::new(),
+            known: Known::default(),
         }))
     }
 
@@ -1134,6 +1135,29 @@ struct PgTx {
     outbox: Vec<(String, Vec<u8>, Vec<u8>)>,
     /// The outbox length at each open savepoint, to undo pushes with it.
     outbox_marks: Vec<usize>,
+    /// Lookups answered ahead by [`Tx::prefetch`].
+    known: Known,
+}
+
+/// Idempotency keys and identity owners read for a whole batch at once
+/// ([`Tx::prefetch`]): one round trip instead of one per message. This
+/// transaction's own writes keep them current (a stored message, an
+/// attached identity); anything else that could change them (a merge, a
+/// split, an erasure, a rollback to a savepoint) forgets them all, and
+/// later lookups go to the database again. Reading a set of rows at
+/// `SERIALIZABLE` takes the same predicate locks as reading each, so a
+/// concurrent writer still conflicts as before.
+#[derive(Default)]
+struct Known {
+    keys: HashMap<String, Option<MessageRef>>,
+    owners: HashMap<Identity, Option<Uuid>>,
+}
+
+impl Known {
+    fn forget(&mut self) {
+        self.keys.clear();
+        self.owners.clear();
+    }
 }
 
 impl Drop for PgTx {
@@ -1226,9 +1250,62 @@ impl PgTx {
 }
 
 impl Tx for PgTx {
+    fn prefetch(&mut self, keys: &[&str], identities: &[&Identity]) -> Result<(), StoreError> {
+        let keys: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| !has_nul(&[k]) && !self.known.keys.contains_key(*k))
+            .collect();
+        if !keys.is_empty() {
+            let found = self.query(
+                "SELECT idempotency_key, id, conversation_id, customer_id FROM messages \
+                 WHERE idempotency_key = ANY($1)",
+                &[&keys],
+            )?;
+            for k in &keys {
+                self.known.keys.insert((*k).to_owned(), None);
+            }
+            for r in found {
+                let key: String = col(&r, 0)?;
+                let found = MessageRef {
+                    id: col(&r, 1)?,
+                    conversation_id: col(&r, 2)?,
+                    customer_id: col(&r, 3)?,
+                };
+                self.known.keys.insert(key, Some(found));
+            }
+        }
+        let wanted: Vec<&Identity> = identities
+            .iter()
+            .copied()
+            .filter(|i| !has_nul(&[&i.value]) && !self.known.owners.contains_key(*i))
+            .collect();
+        if !wanted.is_empty() {
+            let kinds: Vec<&str> = wanted.iter().map(|i| i.kind.as_str()).collect();
+            let values: Vec<&str> = wanted.iter().map(|i| i.value.as_str()).collect();
+            let found = self.query(
+                "SELECT i.kind, i.value, i.customer_id FROM identities i \
+                 JOIN unnest($1::text[], $2::text[]) AS w(kind, value) \
+                 ON i.kind = w.kind COLLATE \"C\" AND i.value = w.value COLLATE \"C\"",
+                &[&kinds, &values],
+            )?;
+            for i in wanted {
+                self.known.owners.insert(i.clone(), None);
+            }
+            for r in found {
+                let identity = identity_cols(&r, 0, 1)?;
+                self.known.owners.insert(identity, Some(col(&r, 2)?));
+            }
+        }
+        Ok(())
+    }
+
     fn message_by_key(&mut self, key: &str) -> Result<Option<MessageRef>, StoreError> {
         if has_nul(&[key]) {
             return Ok(None);
+        }
+        if let Some(known) = self.known.keys.get(key) {
+            return Ok(*known);
         }
         let Some(r) = self.query_first(
             "SELECT id, conversation_id, customer_id FROM messages WHERE idempotency_key = $1",
@@ -1247,6 +1324,9 @@ impl Tx for PgTx {
     fn owner_of(&mut self, identity: &Identity) -> Result<Option<Uuid>, StoreError> {
         if has_nul(&[&identity.value]) {
             return Ok(None);
+        }
+        if let Some(known) = self.known.owners.get(identity) {
+            return Ok(*known);
         }
         self.uuid_query(
             "SELECT customer_id FROM identities WHERE kind = $1 AND value = $2",
@@ -1320,8 +1400,9 @@ impl Tx for PgTx {
                 &evidence,
                 &at,
             ],
-        )
-        .map(drop)
+        )?;
+        self.known.owners.insert(identity.clone(), Some(customer));
+        Ok(())
     }
 
     fn identities_of(&mut self, customer: Uuid) -> Result<Vec<Identity>, StoreError> {
@@ -1535,6 +1616,14 @@ impl Tx for PgTx {
             )));
         };
         let seq: i64 = col(&row, 0)?;
+        self.known.keys.insert(
+            e.idempotency_key.clone(),
+            Some(MessageRef {
+                id: e.id,
+                conversation_id: m.conversation_id,
+                customer_id: m.customer_id,
+            }),
+        );
         let refs: Vec<&str> = hints
             .in_reply_to
             .iter()
@@ -1690,6 +1779,7 @@ impl Tx for PgTx {
         evidence: &str,
         at: Millis,
     ) -> Result<(), StoreError> {
+        self.known.forget();
         check_text([Some(evidence)])?;
         let (s, m) = (&survivor, &merged);
         let moved = self.identities_of(merged)?;
@@ -1720,6 +1810,7 @@ impl Tx for PgTx {
         evidence: &str,
         at: Millis,
     ) -> Result<(), StoreError> {
+        self.known.forget();
         check_text([Some(evidence)])?;
         let Some(old) = self.owner_of(identity)? else {
             return Ok(());
@@ -1765,6 +1856,7 @@ impl Tx for PgTx {
     }
 
     fn erase_customer(&mut self, id: Uuid, at: Millis) -> Result<Erased, StoreError> {
+        self.known.forget();
         let family = self.query(
             "WITH RECURSIVE family(id) AS (SELECT $1::uuid UNION \
              SELECT c.id FROM customers c JOIN family f ON c.merged_into = f.id) \
@@ -1850,6 +1942,7 @@ impl Tx for PgTx {
     }
 
     fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
+        self.known.forget();
         if let Some(mark) = self.outbox_marks.pop() {
             self.outbox.truncate(mark);
         }

@@ -1483,3 +1483,71 @@ pub(crate) fn read_watermarks_and_provider_threads(s: &dyn Store) {
     );
     tx.commit().unwrap();
 }
+
+/// Lookups announced with `prefetch` answer as they would without it,
+/// through the transaction's own writes, a rolled-back savepoint, a merge
+/// and an erasure.
+pub(crate) fn prefetched_lookups_follow_the_transactions_writes(s: &dyn Store) {
+    let mut tx = s.begin().unwrap();
+    let ada = customer(&mut *tx, &["email:ada@example.org"]);
+    let conv = conversation(&mut *tx, ada, Channel::Email, 0);
+    let first = inbound("pf-1", "email:ada@example.org", Channel::Email, 0);
+    store(&mut *tx, &first, ada, conv);
+    tx.commit().unwrap();
+
+    let (ada_mail, bob_mail, bob_phone) = (
+        ident("email:ada@example.org"),
+        ident("email:bob@example.org"),
+        ident("phone:+14155550199"),
+    );
+    let second = inbound("pf-2", "email:bob@example.org", Channel::Email, 1);
+    let third = inbound("pf-3", "email:bob@example.org", Channel::Email, 2);
+    let (k1, k2, k3) = (
+        first.idempotency_key.as_str(),
+        second.idempotency_key.as_str(),
+        third.idempotency_key.as_str(),
+    );
+    let mut tx = s.begin().unwrap();
+    tx.prefetch(&[k1, k2, k3, k1], &[&ada_mail, &bob_mail, &bob_phone])
+        .unwrap();
+    let found = tx.message_by_key(k1).unwrap().unwrap();
+    assert_eq!(
+        (found.id, found.customer_id, found.conversation_id),
+        (first.id, ada, conv)
+    );
+    assert_eq!(tx.message_by_key(k2).unwrap(), None);
+    assert_eq!(tx.owner_of(&ada_mail).unwrap(), Some(ada));
+    assert_eq!(tx.owner_of(&bob_mail).unwrap(), None);
+
+    // Written in this transaction after the prefetch.
+    let bob = customer(&mut *tx, &["email:bob@example.org"]);
+    assert_eq!(tx.owner_of(&bob_mail).unwrap(), Some(bob));
+    let bob_conv = conversation(&mut *tx, bob, Channel::Email, 1);
+    store(&mut *tx, &second, bob, bob_conv);
+    assert_eq!(tx.message_by_key(k2).unwrap().unwrap().id, second.id);
+
+    // Undone by a savepoint.
+    tx.savepoint().unwrap();
+    tx.attach_identity(&bob_phone, bob, "first seen", T0)
+        .unwrap();
+    store(&mut *tx, &third, bob, bob_conv);
+    assert!(tx.message_by_key(k3).unwrap().is_some());
+    assert_eq!(tx.owner_of(&bob_phone).unwrap(), Some(bob));
+    tx.rollback_to_savepoint().unwrap();
+    assert_eq!(tx.message_by_key(k3).unwrap(), None);
+    assert_eq!(tx.owner_of(&bob_phone).unwrap(), None);
+    assert_eq!(tx.message_by_key(k2).unwrap().unwrap().id, second.id);
+
+    // Moved by a merge, gone with an erasure.
+    tx.prefetch(&[k1, k2], &[&ada_mail, &bob_mail]).unwrap();
+    tx.merge_customers(ada, bob, "same person", T0 + 5).unwrap();
+    assert_eq!(tx.owner_of(&bob_mail).unwrap(), Some(ada));
+    assert_eq!(tx.message_by_key(k2).unwrap().unwrap().customer_id, ada);
+    tx.prefetch(&[k1, k2], &[&ada_mail, &bob_mail]).unwrap();
+    tx.erase_customer(ada, T0 + 6).unwrap();
+    assert_eq!(tx.message_by_key(k1).unwrap(), None);
+    assert_eq!(tx.message_by_key(k2).unwrap(), None);
+    assert_eq!(tx.owner_of(&ada_mail).unwrap(), None);
+    assert_eq!(tx.owner_of(&bob_mail).unwrap(), None);
+    tx.commit().unwrap();
+}

@@ -115,6 +115,7 @@ suite!(
     thread_message_ids_newest_first,
     message_changes_keep_versions,
     read_watermarks_and_provider_threads,
+    prefetched_lookups_follow_the_transactions_writes,
 );
 
 /// Built without the `postgres` feature: say so when a database was named.
