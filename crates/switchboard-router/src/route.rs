@@ -362,12 +362,19 @@ impl Router {
         Ok(())
     }
 
-    /// Tells the store which idempotency keys and identities routing (or
-    /// resolving) these envelopes will look up, so it can read them in one
-    /// go ([`Tx::prefetch`]). Answers do not change; only round trips do.
-    pub fn prefetch(&self, tx: &mut dyn Tx, envelopes: &[&Envelope]) -> Result<(), StoreError> {
+    /// Tells the store which identities (and, with `keys`, idempotency
+    /// keys: routing looks them up, [`Router::resolve`] does not) these
+    /// envelopes will look up, so it can read them in one go
+    /// ([`Tx::prefetch`]). Answers do not change; only round trips do.
+    pub fn prefetch(
+        &self,
+        tx: &mut dyn Tx,
+        envelopes: &[&Envelope],
+        keys: bool,
+    ) -> Result<(), StoreError> {
         let keys: Vec<&str> = envelopes
             .iter()
+            .filter(|_| keys)
             .map(|e| e.idempotency_key.as_str())
             .collect();
         let twins: Vec<Identity> = envelopes
@@ -575,17 +582,23 @@ impl Router {
 
     /// Identity resolution alone (the first stage when work is re-keyed by
     /// customer): the customer the envelope belongs to, created if new.
-    /// Idempotent: a stored message answers with its customer; a change
-    /// answers with its message's customer, so it is routed after it.
+    /// Idempotent: the identity's owner is found again (a redelivered
+    /// message goes to its identity's current customer, where threading
+    /// finds it stored by its key and skips it). A change answers with its
+    /// message's customer, so it is routed after it.
+    ///
+    /// It reads no message by key, on purpose: on PostgreSQL that read made
+    /// every identity transaction depend on the threading transactions
+    /// storing messages at the same time, and with the threading stage's
+    /// reads of identities this closed a cycle that failed a long threading
+    /// batch to serialize again and again for as long as messages kept
+    /// arriving (docs/benchmarks.md).
     pub fn resolve(&self, tx: &mut dyn Tx, env: &Envelope) -> Result<Uuid, RouteError> {
         if let Some(change) = &env.change
             && let Some(target) =
                 tx.message_by_provider_id(env.channel, &env.account, &change.target)?
         {
             return Ok(target.customer_id);
-        }
-        if let Some(found) = tx.message_by_key(&env.idempotency_key)? {
-            return Ok(found.customer_id);
         }
         let mut events = Events {
             topic: &self.events_topic,

@@ -347,13 +347,16 @@ impl Pipeline {
             }
             let outcomes = self.store_batch(&records, kind).await?;
             let offsets = join_publish(publishing.take()).await?;
-            self.commit_offsets(&mut *consumer, &offsets, &group)
-                .await?;
+            // This batch's publishing starts before the previous batch's
+            // offsets are committed (a broker round trip), so the commit
+            // does not delay its events and re-keyed records.
             let this = Arc::clone(self);
             let g = group.clone();
             publishing = Some(tokio::spawn(async move {
                 this.publish_outcomes(&records, &outcomes, &g).await
             }));
+            self.commit_offsets(&mut *consumer, &offsets, &group)
+                .await?;
         }
         // Draining: finish what was stored.
         let offsets = join_publish(publishing.take()).await?;
@@ -419,11 +422,19 @@ impl Pipeline {
                 .with_label_values(&[records[0].topic.as_str()])
                 .inc_by(n);
         }
-        self.flush_outbox().await?;
-        if !rekeyed.is_empty() {
-            self.retry_bus(|| self.bus.publish_batch(rekeyed.clone()))
-                .await?;
-        }
+        // The outbox and the re-keyed records go to different topics, so
+        // neither waits for the other: threading (the next stage) is not
+        // held up by reading and trimming the outbox.
+        let rekey = async {
+            if !rekeyed.is_empty() {
+                self.retry_bus(|| self.bus.publish_batch(rekeyed.clone()))
+                    .await?;
+            }
+            Ok::<(), PipelineError>(())
+        };
+        let (flushed, rekeyed) = tokio::join!(self.flush_outbox(), rekey);
+        flushed?;
+        rekeyed?;
 
         let mut next: BTreeMap<u32, u64> = BTreeMap::new();
         for r in records {
@@ -634,6 +645,7 @@ fn route_batch(
             .expect("a batch routed with savepoints is never abandoned"),
     };
     tracing::debug!(
+        kind = ?kind,
         records = records.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "batch routed"
@@ -651,8 +663,9 @@ fn route_decoded(
     savepoints: bool,
 ) -> Result<Option<Vec<Outcome>>, StoreError> {
     let mut tx = store.begin()?;
-    // Every envelope's idempotency key and identity are looked up: one
-    // statement for the batch instead of one each (PostgreSQL).
+    // Every envelope's identity (and, when threading, its idempotency key)
+    // is looked up: one statement for the batch instead of one each
+    // (PostgreSQL).
     let envelopes: Vec<&Envelope> = decoded
         .iter()
         .filter_map(|d| match d {
@@ -661,7 +674,7 @@ fn route_decoded(
         })
         .collect();
     if !envelopes.is_empty() {
-        router.prefetch(&mut *tx, &envelopes)?;
+        router.prefetch(&mut *tx, &envelopes, !matches!(kind, Kind::Identity))?;
     }
     let mut outcomes = Vec::with_capacity(decoded.len());
     for d in decoded {

@@ -1066,3 +1066,58 @@ fn provider_statuses_and_echoes_on(backend: Backend) {
     let routed = h.deliver("elsewhere", &echo);
     assert!(matches!(routed, Routed::Stored { .. }), "{routed:?}");
 }
+
+/// On PostgreSQL the two stages of re-keyed routing run at the same time:
+/// a threading transaction that read identities and stored a message must
+/// still commit after an identity transaction created a customer meanwhile.
+/// (When resolving read messages by key, the two formed a serialization
+/// cycle and the threading batch failed again and again under a steady
+/// load.)
+#[test]
+fn threading_commits_while_identities_are_resolved_postgres() {
+    let Some(h) = Harness::on(
+        Backend::Postgres,
+        "threading_commits_while_identities_are_resolved",
+    ) else {
+        return;
+    };
+    let known = h.envelope(&m("known", Channel::Sms, ADA_PHONE, 0.0));
+    let mut tx = h.store.begin().unwrap();
+    h.router.route(&mut *tx, &known).unwrap();
+    tx.commit().unwrap();
+
+    for round in 0..3 {
+        let hours = f64::from(round) + 1.0;
+        let next = h.envelope(&m("next", Channel::Sms, ADA_PHONE, hours));
+        let mut next = next;
+        next.idempotency_key = format!("sms:next-{round}");
+        next.id = uuid::Uuid::now_v7();
+        // Threading reads the batch's identities and keys first, and
+        // stores the message after the identity transaction committed.
+        let mut threading = h.store.begin().unwrap();
+        h.router.prefetch(&mut *threading, &[&next], true).unwrap();
+
+        let newcomer = Identity::parse(&format!("email:new-{round}@example.org")).unwrap();
+        let mut fresh = next.clone();
+        fresh.channel = Channel::Email;
+        fresh.from = newcomer.clone();
+        fresh.idempotency_key = format!("email:fresh-{round}");
+        fresh.id = uuid::Uuid::now_v7();
+        let mut identity = h.store.begin().unwrap();
+        h.router.prefetch(&mut *identity, &[&fresh], false).unwrap();
+        let created = h.router.resolve(&mut *identity, &fresh).unwrap();
+        identity.commit().unwrap();
+
+        h.router.route(&mut *threading, &next).unwrap();
+        threading
+            .commit()
+            .unwrap_or_else(|e| panic!("round {round}: threading failed to commit: {e}"));
+        assert_eq!(
+            h.store
+                .customer_by_identity(&newcomer)
+                .unwrap()
+                .map(|c| c.id),
+            Some(created)
+        );
+    }
+}
