@@ -142,7 +142,11 @@ impl KafkaBus {
             .client(&[
                 ("enable.idempotence", "true"),
                 ("acks", "all"),
-                ("linger.ms", "5"),
+                // A webhook's publish waits for this before it is sent:
+                // 1 ms instead of librdkafka's 5 takes 4 ms off each hop
+                // (a message makes two: inbound.v1, routed.v1). Records
+                // published together are still batched (docs/benchmarks.md).
+                ("linger.ms", "1"),
                 ("delivery.timeout.ms", timeout.as_str()),
                 ("message.timeout.ms", timeout.as_str()),
             ])

@@ -7,7 +7,7 @@
 //! cargo run --release -p switchboard --example kafka_pg_bench -- \
 //!     [--brokers HOST:PORT] [--postgres URL] [--messages N] [--customers M] \
 //!     [--publish-batch P] [--in-flight K] [--rate R] [--steady-secs S] \
-//!     [--router-batch B] [--pool N] [--skip-baseline] [--skip-steady]
+//!     [--router-batch B] [--pool N] [--kafka-option KEY=VALUE]... [--skip-baseline] [--skip-steady]
 //! ```
 //!
 //! Every run uses topics under a unique prefix (8 partitions) and a fresh
@@ -28,7 +28,7 @@
 //! (b) steady: R messages a second for S seconds, each its own
 //!     `Bus::publish` (as the HTTP API does), paced every 10 ms.
 //! (c) baseline: the same payloads produced with plain rdkafka
-//!     (idempotent, acks=all, linger.ms=5, same batches in flight) to a
+//!     (idempotent, acks=all, linger.ms=1, same batches in flight) to a
 //!     separate topic of the same broker.
 //!
 //! Latency publish → visible: the instant before the publish call is
@@ -72,6 +72,7 @@ struct Args {
     pool: u32,
     skip_baseline: bool,
     skip_steady: bool,
+    kafka_options: Vec<(String, String)>,
 }
 
 impl Args {
@@ -85,10 +86,11 @@ impl Args {
             in_flight: 16,
             rate: 1_000,
             steady_secs: 30,
-            router_batch: 512,
+            router_batch: 2048,
             pool: 8,
             skip_baseline: false,
             skip_steady: false,
+            kafka_options: Vec::new(),
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -107,6 +109,13 @@ impl Args {
                 "--steady-secs" => a.steady_secs = num(&flag, val()?)?,
                 "--router-batch" => a.router_batch = num(&flag, val()?)?,
                 "--pool" => a.pool = num(&flag, val()?)?,
+                "--kafka-option" => {
+                    let v = val()?;
+                    let (k, v) = v
+                        .split_once('=')
+                        .ok_or_else(|| format!("--kafka-option: KEY=VALUE, not {v}"))?;
+                    a.kafka_options.push((k.to_owned(), v.to_owned()));
+                }
                 "--skip-baseline" => a.skip_baseline = true,
                 "--skip-steady" => a.skip_steady = true,
                 other => return Err(format!("unknown argument {other}")),
@@ -622,8 +631,12 @@ async fn run(args: Args) -> Result<(), String> {
     let router_group = format!("{prefix}router");
     println!("kafka_pg_bench: brokers {}, prefix {prefix}", args.brokers);
 
-    let control =
-        KafkaBus::connect(KafkaConfig::new(args.brokers.clone())).map_err(|e| e.to_string())?;
+    let config = || {
+        let mut kc = KafkaConfig::new(args.brokers.clone());
+        kc.options.extend(args.kafka_options.iter().cloned());
+        kc
+    };
+    let control = KafkaBus::connect(config()).map_err(|e| e.to_string())?;
     let mut names: Vec<&str> = topics.all().to_vec();
     names.push(&baseline_topic);
     control
@@ -636,7 +649,7 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
 
     let with_group = |group: &str| {
-        let mut kc = KafkaConfig::new(args.brokers.clone());
+        let mut kc = config();
         kc.options.insert("group.id".into(), group.to_owned());
         KafkaBus::connect(kc).map_err(|e| e.to_string())
     };
@@ -975,7 +988,7 @@ async fn bench(
             .set("bootstrap.servers", &args.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
+            .set("linger.ms", "1")
             .create()
             .map_err(|e| e.to_string())?;
         let producer = Arc::new(producer);
@@ -1012,7 +1025,7 @@ async fn bench(
         let el = t0.elapsed();
         let r = n as f64 / el.as_secs_f64();
         println!(
-            "(c) baseline: raw rdkafka, {n} records, idempotent acks=all linger.ms=5, batches of {} with {} in flight: {:.2} s = {r:.0} msg/s",
+            "(c) baseline: raw rdkafka, {n} records, idempotent acks=all linger.ms=1, batches of {} with {} in flight: {:.2} s = {r:.0} msg/s",
             args.publish_batch,
             args.in_flight,
             el.as_secs_f64()
