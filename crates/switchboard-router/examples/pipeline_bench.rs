@@ -60,7 +60,7 @@ const USAGE: &str = "usage: pipeline_bench [--messages N] [--customers M] [--bat
 
   --messages N       messages to push through (default 100000)
   --customers M      distinct customers (default 1000)
-  --batch B          router batch: records per store transaction (default 512)
+  --batch B          router batch: records per store transaction (default 8192, as config/switchboard.toml)
   --dir PATH         a fresh temporary directory is made inside PATH
                      (default: the workspace's target/bench-tmp)
   --publishers K     concurrent publishing tasks (default 256)
@@ -103,7 +103,7 @@ impl Args {
         let mut args = Args {
             messages: 100_000,
             customers: 1_000,
-            batch: 512,
+            batch: 8192,
             dir: None,
             publishers: 256,
             publish_batch: 1,

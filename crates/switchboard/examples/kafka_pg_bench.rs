@@ -86,7 +86,7 @@ impl Args {
             in_flight: 16,
             rate: 1_000,
             steady_secs: 30,
-            router_batch: 2048,
+            router_batch: 8192,
             pool: 8,
             skip_baseline: false,
             skip_steady: false,
