@@ -362,19 +362,20 @@ impl Router {
         Ok(())
     }
 
-    /// Tells the store which identities (and, with `keys`, idempotency
-    /// keys: routing looks them up, [`Router::resolve`] does not) these
+    /// Tells the store which identities and idempotency keys these
     /// envelopes will look up, so it can read them in one go
-    /// ([`Tx::prefetch`]). Answers do not change; only round trips do.
+    /// ([`Tx::prefetch`]). With `resolving` ([`Router::resolve`]) only
+    /// outbound messages are looked up by key; routing looks up every one.
+    /// Answers do not change; only round trips do.
     pub fn prefetch(
         &self,
         tx: &mut dyn Tx,
         envelopes: &[&Envelope],
-        keys: bool,
+        resolving: bool,
     ) -> Result<(), StoreError> {
         let keys: Vec<&str> = envelopes
             .iter()
-            .filter(|_| keys)
+            .filter(|e| !resolving || e.direction == Direction::Outbound)
             .map(|e| e.idempotency_key.as_str())
             .collect();
         let twins: Vec<Identity> = envelopes
@@ -585,20 +586,28 @@ impl Router {
     /// Idempotent: the identity's owner is found again (a redelivered
     /// message goes to its identity's current customer, where threading
     /// finds it stored by its key and skips it). A change answers with its
-    /// message's customer, so it is routed after it.
+    /// message's customer, so it is routed after it; an outbound message
+    /// stored already (a platform's echo of our send, which carries our
+    /// key) answers with the customer it was sent to, whose identity on
+    /// the platform may be unknown yet, so no customer is created for it.
     ///
-    /// It reads no message by key, on purpose: on PostgreSQL that read made
-    /// every identity transaction depend on the threading transactions
-    /// storing messages at the same time, and with the threading stage's
-    /// reads of identities this closed a cycle that failed a long threading
-    /// batch to serialize again and again for as long as messages kept
-    /// arriving (docs/benchmarks.md).
+    /// An inbound message is not looked up by key, on purpose: on
+    /// PostgreSQL that read made every identity transaction depend on the
+    /// threading transactions storing messages at the same time, and with
+    /// the threading stage's reads of identities this closed a cycle that
+    /// failed a long threading batch to serialize again and again for as
+    /// long as messages kept arriving (docs/benchmarks.md).
     pub fn resolve(&self, tx: &mut dyn Tx, env: &Envelope) -> Result<Uuid, RouteError> {
         if let Some(change) = &env.change
             && let Some(target) =
                 tx.message_by_provider_id(env.channel, &env.account, &change.target)?
         {
             return Ok(target.customer_id);
+        }
+        if env.direction == Direction::Outbound
+            && let Some(found) = tx.message_by_key(&env.idempotency_key)?
+        {
+            return Ok(found.customer_id);
         }
         let mut events = Events {
             topic: &self.events_topic,

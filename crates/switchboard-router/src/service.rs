@@ -355,8 +355,14 @@ impl Pipeline {
             publishing = Some(tokio::spawn(async move {
                 this.publish_outcomes(&records, &outcomes, &g).await
             }));
-            self.commit_offsets(&mut *consumer, &offsets, &group)
-                .await?;
+            if let Err(error) = self.commit_offsets(&mut *consumer, &offsets, &group).await {
+                // The loop ends; this batch is redelivered (its offsets are
+                // not committed), so its publishing stops here too.
+                if let Some(p) = publishing.take() {
+                    p.abort();
+                }
+                return Err(error);
+            }
         }
         // Draining: finish what was stored.
         let offsets = join_publish(publishing.take()).await?;
@@ -422,19 +428,13 @@ impl Pipeline {
                 .with_label_values(&[records[0].topic.as_str()])
                 .inc_by(n);
         }
-        // The outbox and the re-keyed records go to different topics, so
-        // neither waits for the other: threading (the next stage) is not
-        // held up by reading and trimming the outbox.
-        let rekey = async {
-            if !rekeyed.is_empty() {
-                self.retry_bus(|| self.bus.publish_batch(rekeyed.clone()))
-                    .await?;
-            }
-            Ok::<(), PipelineError>(())
-        };
-        let (flushed, rekeyed) = tokio::join!(self.flush_outbox(), rekey);
-        flushed?;
-        rekeyed?;
+        // The outbox first: a new customer's `customer.created` is on the
+        // bus before threading (the next stage) can announce its messages.
+        self.flush_outbox().await?;
+        if !rekeyed.is_empty() {
+            self.retry_bus(|| self.bus.publish_batch(rekeyed.clone()))
+                .await?;
+        }
 
         let mut next: BTreeMap<u32, u64> = BTreeMap::new();
         for r in records {
@@ -674,7 +674,7 @@ fn route_decoded(
         })
         .collect();
     if !envelopes.is_empty() {
-        router.prefetch(&mut *tx, &envelopes, !matches!(kind, Kind::Identity))?;
+        router.prefetch(&mut *tx, &envelopes, matches!(kind, Kind::Identity))?;
     }
     let mut outcomes = Vec::with_capacity(decoded.len());
     for d in decoded {

@@ -1095,7 +1095,7 @@ fn threading_commits_while_identities_are_resolved_postgres() {
         // Threading reads the batch's identities and keys first, and
         // stores the message after the identity transaction committed.
         let mut threading = h.store.begin().unwrap();
-        h.router.prefetch(&mut *threading, &[&next], true).unwrap();
+        h.router.prefetch(&mut *threading, &[&next], false).unwrap();
 
         let newcomer = Identity::parse(&format!("email:new-{round}@example.org")).unwrap();
         let mut fresh = next.clone();
@@ -1104,7 +1104,7 @@ fn threading_commits_while_identities_are_resolved_postgres() {
         fresh.idempotency_key = format!("email:fresh-{round}");
         fresh.id = uuid::Uuid::now_v7();
         let mut identity = h.store.begin().unwrap();
-        h.router.prefetch(&mut *identity, &[&fresh], false).unwrap();
+        h.router.prefetch(&mut *identity, &[&fresh], true).unwrap();
         let created = h.router.resolve(&mut *identity, &fresh).unwrap();
         identity.commit().unwrap();
 
@@ -1120,4 +1120,39 @@ fn threading_commits_while_identities_are_resolved_postgres() {
             Some(created)
         );
     }
+}
+
+/// A platform's echo of our send carries our key: resolving it answers with
+/// the customer the reply was stored under, even when the recipient's
+/// identity on that platform belongs to nobody yet, and creates no customer.
+#[test]
+fn resolving_an_echo_of_our_send_creates_no_customer() {
+    let h = Harness::new();
+    let asked = h.envelope(&m("asked", Channel::Email, ADA, 0.0));
+    let mut tx = h.store.begin().unwrap();
+    let ada = match h.router.route(&mut *tx, &asked).unwrap() {
+        Routed::Stored { customer_id, .. } => customer_id,
+        other => panic!("not stored: {other:?}"),
+    };
+    // The reply went out on Messenger to a PSID nobody owns yet (an
+    // explicit recipient), stored under Ada by the dispatcher.
+    let psid = "messenger_psid:7001";
+    let mut reply = h.envelope(&M {
+        direction: Direction::Outbound,
+        ..m("reply", Channel::Messenger, psid, 1.0)
+    });
+    reply.idempotency_key = "outbound:reply-1".into();
+    h.router
+        .record_outbound(&mut *tx, &reply, ada, None, "sent")
+        .unwrap();
+    tx.commit().unwrap();
+
+    let mut echo = reply.clone();
+    echo.id = uuid::Uuid::now_v7();
+    let mut tx = h.store.begin().unwrap();
+    h.router.prefetch(&mut *tx, &[&echo], true).unwrap();
+    assert_eq!(h.router.resolve(&mut *tx, &echo).unwrap(), ada);
+    tx.commit().unwrap();
+    let psid = Identity::parse(psid).unwrap();
+    assert_eq!(h.store.customer_by_identity(&psid).unwrap(), None);
 }
