@@ -970,15 +970,18 @@ impl Store for PgStore {
         // the update changes no indexed column and stays on its page (a HOT
         // update, no new index entries to wade through). A publisher
         // looking for lapsed owners after another took them over finds the
-        // rows owned and touched anew and leaves them.
+        // rows owned and touched anew and leaves them. The claimed seqs are
+        // matched with `= ANY(ARRAY(…))`, never a join: a join's cached
+        // plan, made while the table was nearly empty, could become a
+        // sequential scan of the whole (bloated) outbox, about 0.9 s a
+        // claim (docs/benchmarks.md, fourth session).
         let mut claimed = conn
             .query(
                 "UPDATE outbox o SET claimed = true, \
                      touched_at = CASE WHEN o.touched_at < clock_timestamp() - $3::bigint * interval '1 millisecond' \
                                   THEN clock_timestamp() ELSE o.touched_at END \
-                 FROM (SELECT seq FROM outbox WHERE owner = $1 \
-                       ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) AS pick \
-                 WHERE o.seq = pick.seq \
+                 WHERE o.seq = ANY(ARRAY(SELECT seq FROM outbox WHERE owner = $1 \
+                       ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)) \
                  RETURNING o.seq, o.topic, o.key, o.payload",
                 &[&self.instance, &limit_param(limit), &(lease_ms / 4)],
             )
@@ -1008,9 +1011,8 @@ impl Store for PgStore {
                 claimed.extend(
                     conn.query(
                         "UPDATE outbox o SET owner = $1, claimed = true, touched_at = clock_timestamp() \
-                         FROM (SELECT seq FROM outbox WHERE owner = $2 \
-                               ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) AS pick \
-                         WHERE o.seq = pick.seq \
+                         WHERE o.seq = ANY(ARRAY(SELECT seq FROM outbox WHERE owner = $2 \
+                               ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)) \
                          RETURNING o.seq, o.topic, o.key, o.payload",
                         &[&self.instance, &dead, &limit_param(room)],
                     )
