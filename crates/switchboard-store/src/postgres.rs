@@ -653,6 +653,15 @@ fn parse_col<T>(row: &Row, idx: usize, parse: impl Fn(&str) -> Option<T>) -> Res
     parse(s).ok_or_else(|| StoreError::Rejected(format!("column {idx}: unexpected value {s:?}")))
 }
 
+/// A message's id, conversation and customer from three columns from `at`.
+fn message_ref_cols(row: &Row, at: usize) -> Result<MessageRef, StoreError> {
+    Ok(MessageRef {
+        id: col(row, at)?,
+        conversation_id: col(row, at + 1)?,
+        customer_id: col(row, at + 2)?,
+    })
+}
+
 fn identity_cols(row: &Row, kind: usize, value: usize) -> Result<Identity, StoreError> {
     Ok(Identity {
         kind: parse_col(row, kind, |s| s.parse::<IdentityKind>().ok())?,
@@ -1269,12 +1278,7 @@ impl Tx for PgTx {
             }
             for r in found {
                 let key: String = col(&r, 0)?;
-                let found = MessageRef {
-                    id: col(&r, 1)?,
-                    conversation_id: col(&r, 2)?,
-                    customer_id: col(&r, 3)?,
-                };
-                self.known.keys.insert(key, Some(found));
+                self.known.keys.insert(key, Some(message_ref_cols(&r, 1)?));
             }
         }
         let wanted: Vec<&Identity> = identities
@@ -1316,11 +1320,7 @@ impl Tx for PgTx {
         else {
             return Ok(None);
         };
-        Ok(Some(MessageRef {
-            id: col(&r, 0)?,
-            conversation_id: col(&r, 1)?,
-            customer_id: col(&r, 2)?,
-        }))
+        message_ref_cols(&r, 0).map(Some)
     }
 
     fn owner_of(&mut self, identity: &Identity) -> Result<Option<Uuid>, StoreError> {
@@ -2082,15 +2082,7 @@ impl Tx for PgTx {
                 &params,
             )?,
         };
-        found
-            .map(|r| {
-                Ok(MessageRef {
-                    id: col(&r, 0)?,
-                    conversation_id: col(&r, 1)?,
-                    customer_id: col(&r, 2)?,
-                })
-            })
-            .transpose()
+        found.map(|r| message_ref_cols(&r, 0)).transpose()
     }
 
     fn apply_change(&mut self, v: &NewVersion<'_>) -> Result<Option<i64>, StoreError> {
